@@ -1,0 +1,23 @@
+use tally_ledger::DomainError;
+use uuid::Uuid;
+
+/// Errors of the event store. The HTTP layer maps each to a status and a stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// An all-or-nothing batch held an event the ledger refused; nothing was applied.
+    #[error("event {index} ({event_id}) was refused: {error}")]
+    Rejected { index: usize, event_id: Uuid, error: DomainError },
+    #[error("the idempotency key was already used with a different request")]
+    IdempotencyMismatch,
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Stored data that the domain cannot read back, or a log that no longer replays.
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
