@@ -1,1 +1,16 @@
-//! x
+//! The `tally` application: configuration, the ledger role's HTTP API, process wiring and the
+//! demo. Domain logic lives in `tally-ledger` (pure) and `tally-ingest` (PostgreSQL); this crate
+//! only connects them to the outside.
+//!
+//! - [`config`]: flags and environment, validated before any IO.
+//! - [`api`]: the HTTP API and its one error mapping.
+//! - [`server`]: connect, migrate, serve, sweep expiries, stop on signal.
+//! - [`demo`]: `tally demo`, end to end over the real API.
+//! - [`cli`]: what each subcommand does.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod server;

@@ -220,7 +220,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         if let Some(idem) = idempotency {
             sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 1))")
-                .bind(format!("{}\u{0}{}", idem.scope, idem.key))
+                .bind(format!("{}\n{}", idem.scope, idem.key))
                 .execute(&mut *tx)
                 .await?;
             let stored: Option<(Vec<u8>, i16, serde_json::Value)> = sqlx::query_as(

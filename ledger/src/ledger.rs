@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::account::{AccountState, Applied, apply};
 use crate::error::DomainError;
-use crate::event::Event;
+use crate::event::{Event, EventBody};
 use crate::pricing::PriceBook;
 
 /// What became of one event offered to the ledger.
@@ -48,6 +48,9 @@ impl Ledger {
         let mut state = self.accounts.get(&event.account_id).cloned();
         match apply(&mut state, event, &self.prices) {
             Ok(applied) => {
+                if let Some(lot_id) = self.lot_of_another_account(event) {
+                    return Outcome::Rejected(DomainError::DuplicateLot(lot_id));
+                }
                 self.seen.insert(event.event_id, hash);
                 if let Some(s) = state {
                     self.accounts.insert(event.account_id.clone(), s);
@@ -56,6 +59,22 @@ impl Ledger {
             }
             Err(e) => Outcome::Rejected(e),
         }
+    }
+
+    /// The lot id a purchase or grant would open, when another account already holds it.
+    /// [`apply`] sees one account only, but lot ids are unique across all accounts (the store's
+    /// `credit_lot` table is keyed by `lot_id` alone).
+    fn lot_of_another_account(&self, event: &Event) -> Option<Uuid> {
+        let lot_id = match &event.body {
+            EventBody::CreditsPurchased(p) => p.lot_id,
+            EventBody::CreditsGranted(g) => g.lot_id,
+            _ => return None,
+        };
+        self.accounts
+            .iter()
+            .filter(|(id, _)| **id != event.account_id)
+            .any(|(_, s)| s.lots.iter().any(|l| l.lot_id == lot_id))
+            .then_some(lot_id)
     }
 
     pub fn account(&self, account_id: &str) -> Option<&AccountState> {
