@@ -127,9 +127,10 @@ pub(crate) async fn write_projections(
     items: &[AppliedEvent<'_>],
     states: &[&AccountState],
 ) -> Result<(), StoreError> {
-    write_entries(tx, items).await?;
-    write_lots(tx, items, states).await?;
+    // Accounts first: lots reference them, and one batch may open an account and fund it.
     write_accounts(tx, items, states).await?;
+    write_lots(tx, items, states).await?;
+    write_entries(tx, items).await?;
     write_usage(tx, items).await?;
     Ok(())
 }

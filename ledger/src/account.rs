@@ -271,7 +271,7 @@ fn close_lot(
     } else {
         vec![
             Posting::on_lot(LedgerAccount::CustomerCredits, amount, lot_id),
-            Posting::on_lot(counter, amount.neg(), lot_id), Posting::new(LedgerAccount::Breakage, Money::ZERO),
+            Posting::on_lot(counter, amount.neg(), lot_id),
         ]
     };
     Ok(Applied { postings, usage: None, touched_lots: vec![lot_id] })

@@ -112,7 +112,7 @@ impl Lot {
     pub fn can_burn_at(&self, at: DateTime<Utc>) -> bool {
         self.status == LotStatus::Open
             && self.remaining.is_positive()
-            && self.granted_at <= at
+            && self.granted_at <= at + chrono::Duration::nanoseconds(1)
             && at < self.expires_at
     }
 

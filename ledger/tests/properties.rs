@@ -92,9 +92,19 @@ enum Op {
     Void { acct: usize, target: Option<usize>, dt: i64 },
     Expire { target: usize, at: ExpiryAt },
     Usage(UsageOp),
+    /// Usage on a lot's boundary: at its expiry (or just before), or at its grant instant.
+    UsageAtBoundary { target: usize, boundary: Boundary, usage: UsageOp },
     Duplicate { pick: usize },
     Conflict { pick: usize },
     Reopen { acct: usize },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Boundary {
+    Expiry,
+    BeforeExpiry,
+    Grant,
+    BeforeGrant,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +190,9 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(acct, target, dt)| Op::Void { acct, target, dt }),
         3 => (0usize..64, expiry_at()).prop_map(|(target, at)| Op::Expire { target, at }),
         14 => usage_op().prop_map(Op::Usage),
+        2 => (0usize..64, prop_oneof![Just(Boundary::Expiry), Just(Boundary::BeforeExpiry),
+                                      Just(Boundary::Grant), Just(Boundary::BeforeGrant)], usage_op())
+            .prop_map(|(target, boundary, usage)| Op::UsageAtBoundary { target, boundary, usage }),
         2 => (0usize..256).prop_map(|pick| Op::Duplicate { pick }),
         2 => (0usize..256).prop_map(|pick| Op::Conflict { pick }),
         1 => (0usize..3).prop_map(|acct| Op::Reopen { acct }),
@@ -190,6 +203,7 @@ fn op() -> impl Strategy<Value = Op> {
 struct GenLot {
     lot_id: Uuid,
     acct: usize,
+    granted_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
 }
 
@@ -240,6 +254,33 @@ impl Builder {
         });
     }
 
+    fn usage(&mut self, at: DateTime<Utc>, u: &UsageOp) {
+        let n = self.accounts;
+        let (provider, model) = self.models[u.model % self.models.len()].clone();
+        let credential_id = match u.kind {
+            CredentialKind::Managed => format!("managed-{provider}"),
+            CredentialKind::Byok => format!("byok-{provider}-1"),
+            CredentialKind::Attached => format!("attached-{provider}-1"),
+        };
+        let body = EventBody::Usage(Usage {
+            request_id: format!("req-{}", self.next_event),
+            attempt: 1,
+            endpoint_id: "default".to_string(),
+            api_key_id: format!("key-{}", u.acct % n),
+            provider,
+            model,
+            credential_kind: u.kind,
+            credential_id,
+            tokens: u.tokens,
+            token_source: if u.streaming { TokenSource::Estimate } else { TokenSource::Provider },
+            upstream_latency_ms: 120,
+            total_latency_ms: 135,
+            status: u.status,
+            streaming: u.streaming,
+        });
+        self.push(at, u.acct, body);
+    }
+
     fn op(&mut self, op: &Op) {
         let n = self.accounts;
         match op {
@@ -254,7 +295,7 @@ impl Builder {
                         // refused event that is offered again after the lot appears would
                         // apply the second time (refusals are not remembered by id).
                         if *cents >= 500 {
-                            self.lots.push(GenLot { lot_id: id, acct: acct % n, expires_at });
+                            self.lots.push(GenLot { lot_id: id, acct: acct % n, granted_at: at, expires_at });
                         }
                         id
                     }
@@ -271,7 +312,7 @@ impl Builder {
                 let lot_id = self.lot_id();
                 let expires_at = at + Duration::seconds(*validity);
                 if *validity > 0 {
-                    self.lots.push(GenLot { lot_id, acct: acct % n, expires_at });
+                    self.lots.push(GenLot { lot_id, acct: acct % n, granted_at: at, expires_at });
                 }
                 let body = EventBody::CreditsGranted(CreditsGranted {
                     lot_id,
@@ -308,31 +349,23 @@ impl Builder {
                 let body = EventBody::LotExpired(LotExpired { lot_id: l.lot_id });
                 self.push(when, l.acct, body);
             }
+            Op::UsageAtBoundary { target, boundary, usage } => {
+                if self.lots.is_empty() {
+                    return;
+                }
+                let l = self.lots[target % self.lots.len()].clone();
+                let at = match boundary {
+                    Boundary::Expiry => l.expires_at,
+                    Boundary::BeforeExpiry => l.expires_at - Duration::nanoseconds(1),
+                    Boundary::Grant => l.granted_at,
+                    Boundary::BeforeGrant => l.granted_at - Duration::nanoseconds(1),
+                };
+                let usage = UsageOp { acct: l.acct, kind: CredentialKind::Managed, before_catalog: false, ..usage.clone() };
+                self.usage(at, &usage);
+            }
             Op::Usage(u) => {
                 let at = if u.before_catalog { ts(2024, 6, 1, 12, 0, 0) } else { self.step(u.dt) };
-                let (provider, model) = self.models[u.model % self.models.len()].clone();
-                let credential_id = match u.kind {
-                    CredentialKind::Managed => format!("managed-{provider}"),
-                    CredentialKind::Byok => format!("byok-{provider}-1"),
-                    CredentialKind::Attached => format!("attached-{provider}-1"),
-                };
-                let body = EventBody::Usage(Usage {
-                    request_id: format!("req-{}", self.next_event),
-                    attempt: 1,
-                    endpoint_id: "default".to_string(),
-                    api_key_id: format!("key-{}", u.acct % n),
-                    provider,
-                    model,
-                    credential_kind: u.kind,
-                    credential_id,
-                    tokens: u.tokens,
-                    token_source: if u.streaming { TokenSource::Estimate } else { TokenSource::Provider },
-                    upstream_latency_ms: 120,
-                    total_latency_ms: 135,
-                    status: u.status,
-                    streaming: u.streaming,
-                });
-                self.push(at, u.acct, body);
+                self.usage(at, u);
             }
             Op::Duplicate { pick } => {
                 let e = self.events[pick % self.events.len()].clone();
@@ -686,23 +719,58 @@ proptest! {
         prop_assert_eq!(states(&carried), states(&ledger));
         prop_assert_eq!(carried.conflicts(), ledger.conflicts());
 
-        // Like the store: per batch, load each account's state (through JSON, as a store keeps
-        // it), fold the batch with `apply`, write the states back.
-        let accepted_events: Vec<Event> = accepted.iter().map(|r| r.event.clone()).collect();
+        // Like the store: the whole offered history in batches; per batch, load each account's
+        // state (through JSON, as a store keeps it), fold the batch with `apply` on that state
+        // (a refused event must leave it exactly as it was, since later events of the batch see
+        // it), with idempotency by event id and lot ids unique across accounts, then write the
+        // states back.
+        let book = prices();
         let mut stored: BTreeMap<String, String> = BTreeMap::new();
-        for batch in chunks(&accepted_events, &sizes) {
+        let mut seen: BTreeMap<Uuid, [u8; 32]> = BTreeMap::new();
+        let mut lot_owner: BTreeMap<Uuid, String> = BTreeMap::new();
+        let mut outcomes = Vec::new();
+        for batch in chunks(&h.events, &sizes) {
             let mut loaded: BTreeMap<String, Option<AccountState>> = BTreeMap::new();
             for e in &batch {
-                loaded.entry(e.account_id.clone()).or_insert_with(|| {
+                if let Some(hash) = seen.get(&e.event_id) {
+                    outcomes.push(if *hash == e.payload_hash() { Outcome::Duplicate } else { Outcome::Conflict });
+                    continue;
+                }
+                let state = loaded.entry(e.account_id.clone()).or_insert_with(|| {
                     stored.get(&e.account_id).map(|json| serde_json::from_str(json).unwrap())
                 });
-                let state = loaded.get_mut(&e.account_id).unwrap();
-                prop_assert!(apply(state, e, &prices()).is_ok(), "replayed event refused: {:?}", e);
+                let before = state.clone();
+                let new_lot = match &e.body {
+                    EventBody::CreditsPurchased(p) => Some(p.lot_id),
+                    EventBody::CreditsGranted(g) => Some(g.lot_id),
+                    _ => None,
+                };
+                match apply(state, e, &book) {
+                    Ok(_) if new_lot.is_some_and(|l| lot_owner.get(&l).is_some_and(|o| *o != e.account_id)) => {
+                        *state = before;
+                        outcomes.push(Outcome::Rejected(DomainError::DuplicateLot(new_lot.unwrap())));
+                    }
+                    Ok(a) => {
+                        seen.insert(e.event_id, e.payload_hash());
+                        if let Some(l) = new_lot {
+                            lot_owner.insert(l, e.account_id.clone());
+                        }
+                        outcomes.push(Outcome::Applied(a));
+                    }
+                    Err(err) => {
+                        prop_assert_eq!(&*state, &before, "a refused event changed the state: {:?}", e);
+                        outcomes.push(Outcome::Rejected(err));
+                    }
+                }
             }
             for (id, s) in loaded {
-                stored.insert(id, serde_json::to_string(&s.unwrap()).unwrap());
+                if let Some(s) = s {
+                    stored.insert(id, serde_json::to_string(&s).unwrap());
+                }
             }
         }
+        let expected: Vec<Outcome> = records.iter().map(|r| r.outcome.clone()).collect();
+        prop_assert_eq!(outcomes, expected);
         let rebuilt: Vec<AccountState> = stored.values().map(|j| serde_json::from_str(j).unwrap()).collect();
         prop_assert_eq!(rebuilt, states(&ledger));
     }

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: makes sure PostgreSQL is up, then runs format
+# and lint checks and every test. Each database test gets its own throwaway database.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PGHOST_ADDR="${TALLY_TEST_PG_HOST:-127.0.0.1}"
+PGPORT_NUM="${TALLY_TEST_PG_PORT:-5432}"
+# The tests create (and drop) one database per test on this server.
+export DATABASE_URL="${TALLY_TEST_DATABASE_URL:-postgres://postgres@${PGHOST_ADDR}:${PGPORT_NUM}/postgres}"
+
+pg_up() { pg_isready -q -h "$PGHOST_ADDR" -p "$PGPORT_NUM" 2>/dev/null; }
+
+if ! pg_up; then
+  echo "tests/run.sh: PostgreSQL is not answering at ${PGHOST_ADDR}:${PGPORT_NUM}; starting the local cluster" >&2
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    for version in $(ls /etc/postgresql); do
+      pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    done
+  fi
+  for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+fi
+if ! pg_up; then
+  echo "tests/run.sh: FAILED: PostgreSQL is not reachable at ${PGHOST_ADDR}:${PGPORT_NUM} (set TALLY_TEST_DATABASE_URL to use another server)" >&2
+  exit 1
+fi
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
