@@ -24,7 +24,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = server::open_store(&cli.common.database_url, clock.as_ref()).await?;
             let listener = server::bind(&config).await?;
             tracing::info!(listen = %config.listen, role = ?args.role, "tally serving");
-            server::run(listener, AppState { store, clock }, config.sweep_interval, server::shutdown_signal()).await
+            server::run(
+                listener,
+                AppState { store, clock },
+                config.sweep_interval,
+                server::shutdown_signal(),
+            )
+            .await
         }
         Command::Demo(args) => {
             let config = args.server.validate()?;
@@ -32,16 +38,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = server::bind(&config).await?;
             let addr = listener.local_addr()?;
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let state = AppState { store, clock: Arc::clone(&clock) };
-            let serving = tokio::spawn(server::run(listener, state, config.sweep_interval, async move {
-                let _ = stop_rx.await;
-            }));
+            let state = AppState {
+                store,
+                clock: Arc::clone(&clock),
+            };
+            let serving = tokio::spawn(server::run(
+                listener,
+                state,
+                config.sweep_interval,
+                async move {
+                    let _ = stop_rx.await;
+                },
+            ));
             let report = demo::run_scenario(&format!("http://{addr}"), clock.now()).await;
             let outcome = match report {
                 Ok(text) => {
                     demo::print(&text)?;
                     if !args.exit {
-                        demo::print(&format!("\nServing on http://{addr} until interrupted (Ctrl-C).\n"))?;
+                        demo::print(&format!(
+                            "\nServing on http://{addr} until interrupted (Ctrl-C).\n"
+                        ))?;
                         server::shutdown_signal().await;
                     }
                     Ok(())
@@ -58,7 +74,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match command {
                 LedgerCommand::Rebuild => {
                     let r = rebuild::rebuild(&store).await?;
-                    demo::print(&format!("rebuilt projections from {} events over {} accounts\n", r.events, r.accounts))?;
+                    demo::print(&format!(
+                        "rebuilt projections from {} events over {} accounts\n",
+                        r.events, r.accounts
+                    ))?;
                 }
                 LedgerCommand::Sweep => {
                     let n = sweep::expire_due(&store, clock.now()).await?;

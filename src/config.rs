@@ -10,7 +10,11 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tally
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
 
 #[derive(Debug, Parser)]
-#[command(name = "tally", version, about = "Usage metering, pricing, credits and enforcement for an AI gateway")]
+#[command(
+    name = "tally",
+    version,
+    about = "Usage metering, pricing, credits and enforcement for an AI gateway"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,
@@ -103,7 +107,10 @@ pub enum ConfigError {
 pub fn validate_database_url(url: &str) -> Result<(), ConfigError> {
     sqlx::postgres::PgConnectOptions::from_str(url)
         .map(|_| ())
-        .map_err(|e| ConfigError::Invalid { field: "database_url (DATABASE_URL)", reason: redact_url(&e.to_string()) })
+        .map_err(|e| ConfigError::Invalid {
+            field: "database_url (DATABASE_URL)",
+            reason: redact_url(&e.to_string()),
+        })
 }
 
 /// Connection strings may carry passwords; error text about them never does.
@@ -116,17 +123,23 @@ fn redact_url(s: &str) -> String {
 
 impl ServerArgs {
     pub fn validate(&self) -> Result<ServerConfig, ConfigError> {
-        let listen = self.listen.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
-            field: "listen (TALLY_LISTEN)",
-            reason: format!("'{}': {e}", self.listen),
-        })?;
+        let listen = self
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::Invalid {
+                field: "listen (TALLY_LISTEN)",
+                reason: format!("'{}': {e}", self.listen),
+            })?;
         if self.sweep_interval_secs == 0 || self.sweep_interval_secs > 86_400 {
             return Err(ConfigError::Invalid {
                 field: "sweep_interval_secs (TALLY_SWEEP_INTERVAL_SECS)",
                 reason: "must be 1 to 86400".to_string(),
             });
         }
-        Ok(ServerConfig { listen, sweep_interval: Duration::from_secs(self.sweep_interval_secs) })
+        Ok(ServerConfig {
+            listen,
+            sweep_interval: Duration::from_secs(self.sweep_interval_secs),
+        })
     }
 }
 
@@ -136,14 +149,19 @@ mod tests {
 
     #[test]
     fn bad_listen_address_is_named() {
-        let args = ServerArgs { listen: "nope".into(), sweep_interval_secs: 60 };
+        let args = ServerArgs {
+            listen: "nope".into(),
+            sweep_interval_secs: 60,
+        };
         let err = args.validate().unwrap_err().to_string();
         assert!(err.contains("TALLY_LISTEN"), "{err}");
     }
 
     #[test]
     fn bad_database_url_is_named_without_password() {
-        let err = validate_database_url("mysql://u:secretpw@h/db").unwrap_err().to_string();
+        let err = validate_database_url("mysql://u:secretpw@h/db")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
         assert!(!err.contains("secretpw"), "{err}");
         validate_database_url(DEFAULT_DATABASE_URL).unwrap();

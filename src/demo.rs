@@ -17,13 +17,34 @@ pub async fn run_scenario(base: &str, now: DateTime<Utc>) -> anyhow::Result<Stri
 
     c.post("/v1/accounts", &json!({"account_id": account_id, "name": "Acme Corp (demo)", "low_balance_threshold_usd": "5.00"}), None, 201).await?;
     writeln!(out, "tally demo — ledger API at {base}\n")?;
-    writeln!(out, "Account {account_id} opened (low-balance threshold $5.00).")?;
+    writeln!(
+        out,
+        "Account {account_id} opened (low-balance threshold $5.00)."
+    )?;
 
     let purchase = json!({"amount_usd": "20.00", "payment_reference": "demo-card-0001"});
-    let first = c.post(&format!("/v1/accounts/{account_id}/purchases"), &purchase, Some("demo-purchase-1"), 201).await?;
-    let retry = c.post(&format!("/v1/accounts/{account_id}/purchases"), &purchase, Some("demo-purchase-1"), 201).await?;
+    let first = c
+        .post(
+            &format!("/v1/accounts/{account_id}/purchases"),
+            &purchase,
+            Some("demo-purchase-1"),
+            201,
+        )
+        .await?;
+    let retry = c
+        .post(
+            &format!("/v1/accounts/{account_id}/purchases"),
+            &purchase,
+            Some("demo-purchase-1"),
+            201,
+        )
+        .await?;
     let same = first["lot"]["lot_id"] == retry["lot"]["lot_id"];
-    writeln!(out, "Bought $20.00 of credits (lot {}); the retried request with the same Idempotency-Key returned the same lot: {same}.", str_of(&first["lot"]["lot_id"]))?;
+    writeln!(
+        out,
+        "Bought $20.00 of credits (lot {}); the retried request with the same Idempotency-Key returned the same lot: {same}.",
+        str_of(&first["lot"]["lot_id"])
+    )?;
     let expires = now + Duration::days(30);
     c.post(
         &format!("/v1/accounts/{account_id}/grants"),
@@ -32,23 +53,61 @@ pub async fn run_scenario(base: &str, now: DateTime<Utc>) -> anyhow::Result<Stri
         201,
     )
     .await?;
-    writeln!(out, "Granted $5.00 of promotional credit, expiring {} (burns first: priority 10).\n", expires.format("%Y-%m-%d"))?;
+    writeln!(
+        out,
+        "Granted $5.00 of promotional credit, expiring {} (burns first: priority 10).\n",
+        expires.format("%Y-%m-%d")
+    )?;
 
     // Usage happens after the credits were bought: a lot only pays for usage inside its
     // validity window, which starts at the purchase.
     let now = Utc::now();
     let mut events = Vec::new();
     for i in 0..40 {
-        events.push(usage(&account_id, now, i, "key_frontend", "openai", "gpt-4o", "managed", "managed-openai", [12_000, 2_000, 3_000, 0]));
+        events.push(usage(
+            &account_id,
+            now,
+            i,
+            "key_frontend",
+            "openai",
+            "gpt-4o",
+            "managed",
+            "managed-openai",
+            [12_000, 2_000, 3_000, 0],
+        ));
     }
     for i in 0..25 {
-        events.push(usage(&account_id, now, 100 + i, "key_backend", "anthropic", "claude-sonnet-4-5", "byok", "byok-anthropic-1", [8_000, 0, 1_500, 0]));
+        events.push(usage(
+            &account_id,
+            now,
+            100 + i,
+            "key_backend",
+            "anthropic",
+            "claude-sonnet-4-5",
+            "byok",
+            "byok-anthropic-1",
+            [8_000, 0, 1_500, 0],
+        ));
     }
     for i in 0..10 {
-        events.push(usage(&account_id, now, 200 + i, "key_batch", "openai", "gpt-4o-mini", "attached", "attached-openai-batch", [50_000, 0, 4_000, 0]));
+        events.push(usage(
+            &account_id,
+            now,
+            200 + i,
+            "key_batch",
+            "openai",
+            "gpt-4o-mini",
+            "attached",
+            "attached-openai-batch",
+            [50_000, 0, 4_000, 0],
+        ));
     }
-    let posted = c.post("/v1/events", &json!({"events": events}), None, 200).await?;
-    let again = c.post("/v1/events", &json!({"events": events[..5]}), None, 200).await?;
+    let posted = c
+        .post("/v1/events", &json!({"events": events}), None, 200)
+        .await?;
+    let again = c
+        .post("/v1/events", &json!({"events": events[..5]}), None, 200)
+        .await?;
     writeln!(
         out,
         "Posted {} usage events (managed, BYOK and attached-key); re-sending 5 of them applied {} and absorbed {} duplicates.\n",
@@ -64,15 +123,44 @@ pub async fn run_scenario(base: &str, now: DateTime<Utc>) -> anyhow::Result<Stri
     let now = Utc::now();
     let mut heavy = Vec::new();
     for i in 0..400 {
-        heavy.push(usage(&account_id, now, 1000 + i, "key_frontend", "openai", "gpt-4o", "managed", "managed-openai", [12_000, 2_000, 3_000, 0]));
+        heavy.push(usage(
+            &account_id,
+            now,
+            1000 + i,
+            "key_frontend",
+            "openai",
+            "gpt-4o",
+            "managed",
+            "managed-openai",
+            [12_000, 2_000, 3_000, 0],
+        ));
     }
-    heavy.push(usage(&account_id, now, 5000, "key_backend", "anthropic", "claude-sonnet-4-5", "byok", "byok-anthropic-1", [8_000, 0, 1_500, 0]));
-    c.post("/v1/events", &json!({"events": heavy}), None, 200).await?;
-    writeln!(out, "\nThen 400 more managed requests, more than the credits left, and one more BYOK request:\n")?;
+    heavy.push(usage(
+        &account_id,
+        now,
+        5000,
+        "key_backend",
+        "anthropic",
+        "claude-sonnet-4-5",
+        "byok",
+        "byok-anthropic-1",
+        [8_000, 0, 1_500, 0],
+    ));
+    c.post("/v1/events", &json!({"events": heavy}), None, 200)
+        .await?;
+    writeln!(
+        out,
+        "\nThen 400 more managed requests, more than the credits left, and one more BYOK request:\n"
+    )?;
     write_balance(&mut out, &c, &account_id).await?;
     write_decision(&mut out, &c, &account_id).await?;
     let topup = c
-        .post(&format!("/v1/accounts/{account_id}/purchases"), &json!({"amount_usd": "50.00"}), Some("demo-purchase-2"), 201)
+        .post(
+            &format!("/v1/accounts/{account_id}/purchases"),
+            &json!({"amount_usd": "50.00"}),
+            Some("demo-purchase-2"),
+            201,
+        )
         .await?;
     writeln!(
         out,
@@ -81,7 +169,10 @@ pub async fn run_scenario(base: &str, now: DateTime<Utc>) -> anyhow::Result<Stri
         usd(&topup["balance_usd"])
     )?;
     write_decision(&mut out, &c, &account_id).await?;
-    writeln!(out, "\nTry it: curl -s {base}/v1/accounts/{account_id}/balance ; curl -s '{base}/v1/accounts/{account_id}/ledger?limit=5'")?;
+    writeln!(
+        out,
+        "\nTry it: curl -s {base}/v1/accounts/{account_id}/balance ; curl -s '{base}/v1/accounts/{account_id}/ledger?limit=5'"
+    )?;
     Ok(out)
 }
 
@@ -91,7 +182,13 @@ struct Client<'a> {
 }
 
 impl Client<'_> {
-    async fn post(&self, path: &str, body: &Value, idempotency_key: Option<&str>, expect: u16) -> anyhow::Result<Value> {
+    async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        idempotency_key: Option<&str>,
+        expect: u16,
+    ) -> anyhow::Result<Value> {
         let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
         if let Some(k) = idempotency_key {
             req = req.header("Idempotency-Key", k);
@@ -101,14 +198,22 @@ impl Client<'_> {
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let resp = self.http.get(format!("{}{path}", self.base)).send().await.with_context(|| format!("GET {path}"))?;
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
         check(resp, path, 200).await
     }
 }
 
 async fn check(resp: reqwest::Response, path: &str, expect: u16) -> anyhow::Result<Value> {
     let status = resp.status().as_u16();
-    let body: Value = resp.json().await.with_context(|| format!("{path}: body is not JSON"))?;
+    let body: Value = resp
+        .json()
+        .await
+        .with_context(|| format!("{path}: body is not JSON"))?;
     if status != expect {
         bail!("{path}: expected HTTP {expect}, got {status}: {body}");
     }
@@ -174,10 +279,25 @@ fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) -> anyhow::Re
         }
     }
     let line = |cells: Vec<String>| -> String {
-        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
-    writeln!(out, "  {}", line(headers.iter().map(|h| h.to_string()).collect()))?;
-    writeln!(out, "  {}", line(widths.iter().map(|w| "-".repeat(*w)).collect()))?;
+    writeln!(
+        out,
+        "  {}",
+        line(headers.iter().map(|h| h.to_string()).collect())
+    )?;
+    writeln!(
+        out,
+        "  {}",
+        line(widths.iter().map(|w| "-".repeat(*w)).collect())
+    )?;
     for r in rows {
         writeln!(out, "  {}", line(r.clone()))?;
     }
@@ -214,12 +334,28 @@ async fn write_balance(out: &mut String, c: &Client<'_>, account_id: &str) -> an
     if rows.is_empty() {
         writeln!(out, "  (no open lots with credit left)")?;
     } else {
-        table(out, &["lot", "priority", "amount", "burned", "remaining", "expires"], &rows)?;
+        table(
+            out,
+            &[
+                "lot",
+                "priority",
+                "amount",
+                "burned",
+                "remaining",
+                "expires",
+            ],
+            &rows,
+        )?;
     }
     Ok(())
 }
 
-async fn write_usage(out: &mut String, c: &Client<'_>, account_id: &str, now: DateTime<Utc>) -> anyhow::Result<()> {
+async fn write_usage(
+    out: &mut String,
+    c: &Client<'_>,
+    account_id: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
     let to = now.duration_trunc(TimeDelta::hours(1)).unwrap_or(now) + Duration::hours(1);
     let from = to - Duration::days(1);
     let path = format!(
@@ -228,7 +364,10 @@ async fn write_usage(out: &mut String, c: &Client<'_>, account_id: &str, now: Da
         to.format("%Y-%m-%dT%H:%M:%SZ")
     );
     let u = c.get(&path).await?;
-    writeln!(out, "\nUsage in the last 24 hours by key and credential kind:")?;
+    writeln!(
+        out,
+        "\nUsage in the last 24 hours by key and credential kind:"
+    )?;
     let rows: Vec<Vec<String>> = u["rows"]
         .as_array()
         .map(|rows| {
@@ -256,7 +395,16 @@ async fn write_usage(out: &mut String, c: &Client<'_>, account_id: &str, now: Da
         .unwrap_or_default();
     table(
         out,
-        &["api key", "credential", "model", "requests", "tokens", "upstream cost", "charged to credits", "BYOK attributed"],
+        &[
+            "api key",
+            "credential",
+            "model",
+            "requests",
+            "tokens",
+            "upstream cost",
+            "charged to credits",
+            "BYOK attributed",
+        ],
         &rows,
     )?;
     Ok(())
@@ -264,7 +412,11 @@ async fn write_usage(out: &mut String, c: &Client<'_>, account_id: &str, now: Da
 
 async fn write_decision(out: &mut String, c: &Client<'_>, account_id: &str) -> anyhow::Result<()> {
     let d = c.get(&format!("/v1/enforcement/{account_id}")).await?;
-    let managed = if d["allow_managed"] == Value::Bool(true) { "allowed" } else { "DENIED (403 credits_exhausted)" };
+    let managed = if d["allow_managed"] == Value::Bool(true) {
+        "allowed"
+    } else {
+        "DENIED (403 credits_exhausted)"
+    };
     writeln!(
         out,
         "\nEnforcement: managed traffic {managed}; BYOK traffic allowed; reason {}, available {}.",

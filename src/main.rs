@@ -10,7 +10,11 @@ async fn main() -> anyhow::Result<()> {
         tally::config::Command::Demo(_) => "warn",
         _ => "info",
     };
-    let filter = cli.common.log.clone().unwrap_or_else(|| default_filter.to_string());
+    let filter = cli
+        .common
+        .log
+        .clone()
+        .unwrap_or_else(|| default_filter.to_string());
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(filter)?)
         .with_writer(std::io::stderr)

@@ -10,7 +10,8 @@ use tally_ingest::{BatchMode, Store, query};
 use tally_ledger::catalog::builtin_price_version;
 use tally_ledger::event::{AccountOpened, CreditsGranted, CreditsPurchased, LotExpired, LotVoided};
 use tally_ledger::{
-    CredentialKind, Event, EventBody, Ledger, LotStatus, Money, Outcome, PriceBook, TokenCounts, TokenSource, Usage,
+    CredentialKind, Event, EventBody, Ledger, LotStatus, Money, Outcome, PriceBook, TokenCounts,
+    TokenSource, Usage,
 };
 use uuid::Uuid;
 
@@ -19,7 +20,10 @@ struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn below(&mut self, n: u64) -> u64 {
@@ -41,7 +45,10 @@ fn history(seed: u64, len: usize) -> Vec<Event> {
             event_id: Uuid::from_u128(u128::from(rng.next()) << 64 | u128::from(rng.next())),
             occurred_at: t,
             account_id: (*a).to_string(),
-            body: EventBody::AccountOpened(AccountOpened { name: format!("{a} ltd"), low_balance_threshold_usd: Money::from_cents(100) }),
+            body: EventBody::AccountOpened(AccountOpened {
+                name: format!("{a} ltd"),
+                low_balance_threshold_usd: Money::from_cents(100),
+            }),
         })
         .collect();
     let mut lots: Vec<(String, Uuid, DateTime<Utc>)> = Vec::new();
@@ -51,7 +58,11 @@ fn history(seed: u64, len: usize) -> Vec<Event> {
         if rng.below(10) == 0 {
             t += Duration::days(i64::try_from(rng.below(20)).unwrap());
         }
-        let at = if rng.below(8) == 0 { t - Duration::hours(i64::try_from(rng.below(48)).unwrap()) } else { t };
+        let at = if rng.below(8) == 0 {
+            t - Duration::hours(i64::try_from(rng.below(48)).unwrap())
+        } else {
+            t
+        };
         let account = accounts[usize::try_from(rng.below(3)).unwrap()].to_string();
         let id = Uuid::from_u128(u128::from(rng.next()) << 64 | u128::from(rng.next()) | 1);
         let body = match rng.below(20) {
@@ -77,20 +88,42 @@ fn history(seed: u64, len: usize) -> Vec<Event> {
                 })
             }
             5 if !lots.is_empty() => {
-                let (a, lot_id, _) = lots[usize::try_from(rng.below(lots.len() as u64)).unwrap()].clone();
-                return_event(&mut events, id, at, a, EventBody::LotVoided(LotVoided { lot_id, reason: "test".into() }));
+                let (a, lot_id, _) =
+                    lots[usize::try_from(rng.below(lots.len() as u64)).unwrap()].clone();
+                return_event(
+                    &mut events,
+                    id,
+                    at,
+                    a,
+                    EventBody::LotVoided(LotVoided {
+                        lot_id,
+                        reason: "test".into(),
+                    }),
+                );
                 continue;
             }
             6 if !lots.is_empty() => {
-                let (a, lot_id, expires) = lots[usize::try_from(rng.below(lots.len() as u64)).unwrap()].clone();
+                let (a, lot_id, expires) =
+                    lots[usize::try_from(rng.below(lots.len() as u64)).unwrap()].clone();
                 // Mostly at or after the expiry; sometimes too early, which must be refused.
-                let when = if rng.below(4) == 0 { expires - Duration::seconds(1) } else { expires };
-                return_event(&mut events, id, when, a, EventBody::LotExpired(LotExpired { lot_id }));
+                let when = if rng.below(4) == 0 {
+                    expires - Duration::seconds(1)
+                } else {
+                    expires
+                };
+                return_event(
+                    &mut events,
+                    id,
+                    when,
+                    a,
+                    EventBody::LotExpired(LotExpired { lot_id }),
+                );
                 continue;
             }
             7 if events.len() > 5 => {
                 // A duplicate, or the same id with another payload (a conflict).
-                let mut again = events[usize::try_from(rng.below(events.len() as u64)).unwrap()].clone();
+                let mut again =
+                    events[usize::try_from(rng.below(events.len() as u64)).unwrap()].clone();
                 if rng.below(2) == 0 {
                     again.occurred_at += Duration::seconds(1);
                 }
@@ -98,10 +131,19 @@ fn history(seed: u64, len: usize) -> Vec<Event> {
                 continue;
             }
             _ => {
-                let kind = [CredentialKind::Managed, CredentialKind::Managed, CredentialKind::Byok, CredentialKind::Attached]
+                let kind = [
+                    CredentialKind::Managed,
+                    CredentialKind::Managed,
+                    CredentialKind::Byok,
+                    CredentialKind::Attached,
+                ][usize::try_from(rng.below(4)).unwrap()];
+                let model = ["gpt-4o", "gpt-4o-mini", "claude-haiku-4-5", "nonexistent"]
                     [usize::try_from(rng.below(4)).unwrap()];
-                let model = ["gpt-4o", "gpt-4o-mini", "claude-haiku-4-5", "nonexistent"][usize::try_from(rng.below(4)).unwrap()];
-                let provider = if model.starts_with("claude") { "anthropic" } else { "openai" };
+                let provider = if model.starts_with("claude") {
+                    "anthropic"
+                } else {
+                    "openai"
+                };
                 EventBody::Usage(Usage {
                     request_id: format!("r{n}"),
                     attempt: 1,
@@ -117,7 +159,11 @@ fn history(seed: u64, len: usize) -> Vec<Event> {
                         output: i64::try_from(rng.below(60_000)).unwrap(),
                         reasoning: i64::try_from(rng.below(10_000)).unwrap(),
                     },
-                    token_source: if rng.below(3) == 0 { TokenSource::Estimate } else { TokenSource::Provider },
+                    token_source: if rng.below(3) == 0 {
+                        TokenSource::Estimate
+                    } else {
+                        TokenSource::Provider
+                    },
                     upstream_latency_ms: 100,
                     total_latency_ms: 120,
                     status: if rng.below(10) == 0 { 500 } else { 200 },
@@ -125,13 +171,29 @@ fn history(seed: u64, len: usize) -> Vec<Event> {
                 })
             }
         };
-        events.push(Event { event_id: id, occurred_at: at, account_id: account, body });
+        events.push(Event {
+            event_id: id,
+            occurred_at: at,
+            account_id: account,
+            body,
+        });
     }
     events
 }
 
-fn return_event(events: &mut Vec<Event>, id: Uuid, at: DateTime<Utc>, account: String, body: EventBody) {
-    events.push(Event { event_id: id, occurred_at: at, account_id: account, body });
+fn return_event(
+    events: &mut Vec<Event>,
+    id: Uuid,
+    at: DateTime<Utc>,
+    account: String,
+    body: EventBody,
+) {
+    events.push(Event {
+        event_id: id,
+        occurred_at: at,
+        account_id: account,
+        body,
+    });
 }
 
 async fn check_store_matches_model(pool: PgPool, seed: u64) {
@@ -151,29 +213,68 @@ async fn check_store_matches_model(pool: PgPool, seed: u64) {
     let mut rng = Rng(seed ^ 0xdead_beef);
     let (mut applied, mut conflicts, mut i) = (0, 0, 0);
     while i < events.len() {
-        let size = usize::try_from(1 + rng.below(60)).unwrap().min(events.len() - i);
-        let report = store.ingest(&events[i..i + size], BatchMode::BestEffort, now).await.unwrap();
+        let size = usize::try_from(1 + rng.below(60))
+            .unwrap()
+            .min(events.len() - i);
+        let report = store
+            .ingest(&events[i..i + size], BatchMode::BestEffort, now)
+            .await
+            .unwrap();
         applied += report.applied.len();
         conflicts += report.conflicts.len();
         i += size;
     }
-    assert_eq!((applied, conflicts), (expected_applied, expected_conflicts), "seed {seed}");
+    assert_eq!(
+        (applied, conflicts),
+        (expected_applied, expected_conflicts),
+        "seed {seed}"
+    );
     // The history is not trivial: most events apply, and there are conflicts and debts.
-    assert!(applied > 250 && conflicts > 0, "seed {seed}: {applied} applied, {conflicts} conflicts");
-    assert!(model.accounts().any(|a| a.totals.debt_incurred.is_positive()), "seed {seed}: no overdraft exercised");
-    assert!(model.accounts().any(|a| a.totals.expired.is_positive()), "seed {seed}: no expiry exercised");
+    assert!(
+        applied > 250 && conflicts > 0,
+        "seed {seed}: {applied} applied, {conflicts} conflicts"
+    );
+    assert!(
+        model
+            .accounts()
+            .any(|a| a.totals.debt_incurred.is_positive()),
+        "seed {seed}: no overdraft exercised"
+    );
+    assert!(
+        model.accounts().any(|a| a.totals.expired.is_positive()),
+        "seed {seed}: no expiry exercised"
+    );
     for expected in model.accounts() {
-        let got = query::account_state(&pool, &expected.account_id).await.unwrap();
-        let open: Vec<_> = expected.lots.iter().filter(|l| l.status == LotStatus::Open).cloned().collect();
-        assert_eq!(got.totals, expected.totals, "seed {seed} account {}", expected.account_id);
+        let got = query::account_state(&pool, &expected.account_id)
+            .await
+            .unwrap();
+        let open: Vec<_> = expected
+            .lots
+            .iter()
+            .filter(|l| l.status == LotStatus::Open)
+            .cloned()
+            .collect();
+        assert_eq!(
+            got.totals, expected.totals,
+            "seed {seed} account {}",
+            expected.account_id
+        );
         assert_eq!(got.debt, expected.debt, "seed {seed}");
         let mut got_open = got.lots.clone();
         got_open.sort_by_key(|l| l.lot_id);
         let mut open = open;
         open.sort_by_key(|l| l.lot_id);
-        assert_eq!(got_open, open, "seed {seed} account {}", expected.account_id);
+        assert_eq!(
+            got_open, open,
+            "seed {seed} account {}",
+            expected.account_id
+        );
         let all = query::lots(&pool, &expected.account_id).await.unwrap();
-        assert_eq!(all.len(), expected.lots.len(), "seed {seed}: closed lots are kept too");
+        assert_eq!(
+            all.len(),
+            expected.lots.len(),
+            "seed {seed}: closed lots are kept too"
+        );
     }
     // Conservation in the projections themselves.
     let bad: i64 = sqlx::query_scalar(
@@ -215,15 +316,25 @@ async fn concurrent_batches_on_one_account_lose_nothing(pool: PgPool) {
         event_id: Uuid::new_v4(),
         occurred_at: start(),
         account_id: "busy".into(),
-        body: EventBody::AccountOpened(AccountOpened { name: "busy".into(), low_balance_threshold_usd: Money::ZERO }),
+        body: EventBody::AccountOpened(AccountOpened {
+            name: "busy".into(),
+            low_balance_threshold_usd: Money::ZERO,
+        }),
     };
     let buy = Event {
         event_id: Uuid::new_v4(),
         occurred_at: start(),
         account_id: "busy".into(),
-        body: EventBody::CreditsPurchased(CreditsPurchased { lot_id: Uuid::new_v4(), amount_usd: Money::from_cents(1000), payment_reference: None }),
+        body: EventBody::CreditsPurchased(CreditsPurchased {
+            lot_id: Uuid::new_v4(),
+            amount_usd: Money::from_cents(1000),
+            payment_reference: None,
+        }),
     };
-    store.ingest(&[open, buy], BatchMode::AllOrNothing, now).await.unwrap();
+    store
+        .ingest(&[open, buy], BatchMode::AllOrNothing, now)
+        .await
+        .unwrap();
     let usage = |n: u32| Event {
         event_id: Uuid::new_v4(),
         occurred_at: start() + Duration::seconds(i64::from(n)),
@@ -238,7 +349,10 @@ async fn concurrent_batches_on_one_account_lose_nothing(pool: PgPool) {
             credential_kind: CredentialKind::Managed,
             credential_id: "m".into(),
             // $0.10 upstream + 5% = $0.105 each.
-            tokens: TokenCounts { input: 40_000, ..TokenCounts::default() },
+            tokens: TokenCounts {
+                input: 40_000,
+                ..TokenCounts::default()
+            },
             token_source: TokenSource::Provider,
             upstream_latency_ms: 1,
             total_latency_ms: 1,
@@ -250,7 +364,12 @@ async fn concurrent_batches_on_one_account_lose_nothing(pool: PgPool) {
     for w in 0..8u32 {
         let store = Arc::clone(&store);
         let batch: Vec<Event> = (0..20).map(|i| usage(w * 100 + i)).collect();
-        tasks.push(tokio::spawn(async move { store.ingest(&batch, BatchMode::AllOrNothing, now).await.map(|r| r.applied.len()) }));
+        tasks.push(tokio::spawn(async move {
+            store
+                .ingest(&batch, BatchMode::AllOrNothing, now)
+                .await
+                .map(|r| r.applied.len())
+        }));
     }
     let mut applied = 0;
     for t in tasks {
@@ -259,9 +378,18 @@ async fn concurrent_batches_on_one_account_lose_nothing(pool: PgPool) {
     assert_eq!(applied, 160);
     let s = query::account_state(&pool, "busy").await.unwrap();
     // 160 × $0.105 = $16.80 against $10.00: $6.80 of debt, nothing lost or doubled.
-    assert_eq!(s.totals.charged_upstream.checked_add(s.totals.charged_fee).unwrap(), Money::from_cents(1680));
+    assert_eq!(
+        s.totals
+            .charged_upstream
+            .checked_add(s.totals.charged_fee)
+            .unwrap(),
+        Money::from_cents(1680)
+    );
     assert_eq!(s.debt, Money::from_cents(680));
     assert_eq!(s.remaining().unwrap(), Money::ZERO);
-    let requests: i64 = sqlx::query_scalar("select sum(requests)::bigint from usage_hourly").fetch_one(&pool).await.unwrap();
+    let requests: i64 = sqlx::query_scalar("select sum(requests)::bigint from usage_hourly")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(requests, 160);
 }

@@ -24,15 +24,22 @@ pub async fn ensure_database(url: &str) -> Result<(), StoreError> {
         return Ok(());
     }
     let mut admin = opts.clone().database("postgres").connect().await?;
-    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut admin)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
     if !exists {
         let quoted = name.replace('"', "\"\"");
         // Two processes may race to create it; the loser's "already exists" is success.
-        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!("create database \"{quoted}\""))).execute(&mut admin).await {
-            let duplicate = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42P04");
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!("create database \"{quoted}\"")))
+            .execute(&mut admin)
+            .await
+        {
+            let duplicate = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "42P04");
             if !duplicate {
                 return Err(e.into());
             }

@@ -8,7 +8,11 @@ pub enum StoreError {
     Domain(#[from] DomainError),
     /// An all-or-nothing batch held an event the ledger refused; nothing was applied.
     #[error("event {index} ({event_id}) was refused: {error}")]
-    Rejected { index: usize, event_id: Uuid, error: DomainError },
+    Rejected {
+        index: usize,
+        event_id: Uuid,
+        error: DomainError,
+    },
     #[error("the idempotency key was already used with a different request")]
     IdempotencyMismatch,
     #[error("{0} not found")]

@@ -61,7 +61,8 @@ pub(crate) async fn insert_events(
         account_id.push(i.event.account_id.clone());
         kind.push(i.event.body.kind().to_string());
         occurred_at.push(i.event.occurred_at);
-        payload.push(serde_json::to_value(i.event).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        payload
+            .push(serde_json::to_value(i.event).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         hash.push(i.hash.to_vec());
     }
     sqlx::query(
@@ -135,7 +136,10 @@ pub(crate) async fn write_projections(
     Ok(())
 }
 
-async fn write_entries(tx: &mut Transaction<'_, Postgres>, items: &[AppliedEvent<'_>]) -> Result<(), StoreError> {
+async fn write_entries(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[AppliedEvent<'_>],
+) -> Result<(), StoreError> {
     let mut seq = Vec::new();
     let mut line = Vec::new();
     let mut event_id = Vec::new();
@@ -146,7 +150,11 @@ async fn write_entries(tx: &mut Transaction<'_, Postgres>, items: &[AppliedEvent
     let mut version: Vec<Option<String>> = Vec::new();
     let mut occurred = Vec::new();
     for i in items {
-        let v = i.applied.usage.as_ref().and_then(|u| u.price_version.clone());
+        let v = i
+            .applied
+            .usage
+            .as_ref()
+            .and_then(|u| u.price_version.clone());
         for (n, p) in i.applied.postings.iter().enumerate() {
             seq.push(i.seq);
             line.push(i32::try_from(n).unwrap_or(i32::MAX));
@@ -187,7 +195,8 @@ async fn write_lots(
     items: &[AppliedEvent<'_>],
     states: &[&AccountState],
 ) -> Result<(), StoreError> {
-    let by_account: HashMap<&str, &AccountState> = states.iter().map(|s| (s.account_id.as_str(), *s)).collect();
+    let by_account: HashMap<&str, &AccountState> =
+        states.iter().map(|s| (s.account_id.as_str(), *s)).collect();
     let mut touched: BTreeMap<Uuid, &str> = BTreeMap::new();
     for i in items {
         for lot in &i.applied.touched_lots {
@@ -199,7 +208,9 @@ async fn write_lots(
         let lot = by_account
             .get(account)
             .and_then(|s| s.lots.iter().find(|l| l.lot_id == lot_id))
-            .ok_or_else(|| StoreError::Corrupt(format!("touched lot {lot_id} missing from state")))?;
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("touched lot {lot_id} missing from state"))
+            })?;
         cols.lot_id.push(lot.lot_id);
         cols.account_id.push(lot.account_id.clone());
         cols.source.push(lot.source.as_str().to_string());
@@ -315,7 +326,10 @@ async fn write_accounts(
     Ok(())
 }
 
-async fn write_usage(tx: &mut Transaction<'_, Postgres>, items: &[AppliedEvent<'_>]) -> Result<(), StoreError> {
+async fn write_usage(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[AppliedEvent<'_>],
+) -> Result<(), StoreError> {
     let mut sums: BTreeMap<UsageKey, UsageSums> = BTreeMap::new();
     for i in items {
         let (EventBody::Usage(u), Some(charge)) = (&i.event.body, &i.applied.usage) else {
@@ -390,12 +404,27 @@ async fn write_usage(tx: &mut Transaction<'_, Postgres>, items: &[AppliedEvent<'
         ]) {
             col.push(v);
         }
-        for (col, v) in decs.iter_mut().zip([s.upstream, s.fee, s.charged, s.attributed]) {
+        for (col, v) in decs
+            .iter_mut()
+            .zip([s.upstream, s.fee, s.charged, s.attributed])
+        {
             col.push(v);
         }
     }
-    let [requests, failed, streaming, estimated, unpriced, fallback, input, cached, output, reasoning, up_ms, total_ms] =
-        ints;
+    let [
+        requests,
+        failed,
+        streaming,
+        estimated,
+        unpriced,
+        fallback,
+        input,
+        cached,
+        output,
+        reasoning,
+        up_ms,
+        total_ms,
+    ] = ints;
     let [upstream, fee, charged, attributed] = decs;
     sqlx::query(
         "insert into usage_hourly (account_id, hour, endpoint_id, api_key_id, credential_kind, credential_id,

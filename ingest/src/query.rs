@@ -25,7 +25,11 @@ pub async fn account_state(pool: &PgPool, account_id: &str) -> Result<AccountSta
         .ok_or_else(|| StoreError::NotFound(format!("account '{account_id}'")))
 }
 
-pub async fn decision(pool: &PgPool, account_id: &str, now: DateTime<Utc>) -> Result<Decision, StoreError> {
+pub async fn decision(
+    pool: &PgPool,
+    account_id: &str,
+    now: DateTime<Utc>,
+) -> Result<Decision, StoreError> {
     let state = account_state(pool, account_id).await?;
     Ok(decide(&state, now)?)
 }
@@ -110,8 +114,11 @@ pub fn balance_view(state: &AccountState, now: DateTime<Utc>) -> Result<BalanceV
         .filter(|l| l.status == LotStatus::Open && l.remaining.is_positive())
         .collect();
     lots.sort_by_key(|l| l.burn_order_key());
-    let expiring =
-        Money::try_sum(lots.iter().filter(|l| l.expires_at < soon).map(|l| l.remaining))?;
+    let expiring = Money::try_sum(
+        lots.iter()
+            .filter(|l| l.expires_at < soon)
+            .map(|l| l.remaining),
+    )?;
     Ok(BalanceView {
         account_id: state.account_id.clone(),
         as_of: now,
@@ -133,7 +140,9 @@ pub async fn lots(pool: &PgPool, account_id: &str) -> Result<Vec<LotView>, Store
     .bind(account_id)
     .fetch_all(pool)
     .await?;
-    rows.into_iter().map(|r| r.into_lot().map(|l| LotView::from(&l))).collect()
+    rows.into_iter()
+        .map(|r| r.into_lot().map(|l| LotView::from(&l)))
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -192,8 +201,17 @@ pub async fn ledger_entries(
     .await?;
     let more = entries.len() as i64 > limit;
     entries.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next_cursor = if more { entries.last().map(|e| format!("{}.{}", e.event_seq, e.line_no)) } else { None };
-    Ok(EntryPage { entries, next_cursor })
+    let next_cursor = if more {
+        entries
+            .last()
+            .map(|e| format!("{}.{}", e.event_seq, e.line_no))
+    } else {
+        None
+    };
+    Ok(EntryPage {
+        entries,
+        next_cursor,
+    })
 }
 
 /// A dimension of the usage rollup that reports may filter and group by.
@@ -231,7 +249,9 @@ impl UsageDim {
 
     pub fn parse(s: &str) -> Option<UsageDim> {
         let s = s.trim();
-        UsageDim::ALL.into_iter().find(|d| d.column() == s || d.column().trim_end_matches("_id") == s)
+        UsageDim::ALL
+            .into_iter()
+            .find(|d| d.column() == s || d.column().trim_end_matches("_id") == s)
     }
 }
 
@@ -279,7 +299,10 @@ impl UsageQuery {
         }
         for (field, t) in [("from", self.from), ("to", self.to)] {
             if t.duration_trunc(TimeDelta::hours(1)).ok() != Some(t) {
-                return Err(DomainError::invalid(field, "must be on a whole hour (usage is kept per hour)"));
+                return Err(DomainError::invalid(
+                    field,
+                    "must be on a whole hour (usage is kept per hour)",
+                ));
             }
         }
         Ok(())
@@ -324,7 +347,10 @@ pub async fn usage(pool: &PgPool, q: &UsageQuery) -> Result<Vec<UsageRow>, Store
     let mut qb: QueryBuilder<sqlx::Postgres> = QueryBuilder::new("select ");
     let mut group_exprs: Vec<String> = Vec::new();
     if let Some(g) = q.granularity {
-        group_exprs.push(format!("date_trunc('{}', hour at time zone 'UTC') at time zone 'UTC'", g.sql()));
+        group_exprs.push(format!(
+            "date_trunc('{}', hour at time zone 'UTC') at time zone 'UTC'",
+            g.sql()
+        ));
     }
     for d in &q.group_by {
         group_exprs.push(d.column().to_string());
@@ -347,7 +373,11 @@ pub async fn usage(pool: &PgPool, q: &UsageQuery) -> Result<Vec<UsageRow>, Store
         qb.push_bind(v.clone());
     }
     if !group_exprs.is_empty() {
-        qb.push(format!(" group by {} order by {}", group_exprs.join(", "), group_exprs.join(", ")));
+        qb.push(format!(
+            " group by {} order by {}",
+            group_exprs.join(", "),
+            group_exprs.join(", ")
+        ));
     }
     let rows = qb.build().fetch_all(pool).await?;
     let mut out = Vec::with_capacity(rows.len());
@@ -360,14 +390,21 @@ pub async fn usage(pool: &PgPool, q: &UsageQuery) -> Result<Vec<UsageRow>, Store
         };
         let mut group = BTreeMap::new();
         for d in &q.group_by {
-            group.insert(d.column().to_string(), row.try_get::<String, _>(d.column())?);
+            group.insert(
+                d.column().to_string(),
+                row.try_get::<String, _>(d.column())?,
+            );
         }
         let dec = |name: &str| -> Result<Money, StoreError> {
             let v: Option<Decimal> = row.try_get(name)?;
             money(v.unwrap_or_default())
         };
         out.push(UsageRow {
-            period_start: if q.granularity.is_some() { row.try_get("period_start")? } else { None },
+            period_start: if q.granularity.is_some() {
+                row.try_get("period_start")?
+            } else {
+                None
+            },
             group,
             requests,
             failed_requests: row.try_get("failed_requests")?,

@@ -120,11 +120,12 @@ pub(crate) async fn load_states_conn(
     accounts: &[String],
     referenced_lots: &[Uuid],
 ) -> Result<HashMap<String, Option<AccountState>>, StoreError> {
-    let rows: Vec<AccountRow> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!("select {ACCOUNT_COLUMNS} from account where account_id = any($1)")))
-            .bind(accounts)
-            .fetch_all(&mut *conn)
-            .await?;
+    let rows: Vec<AccountRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {ACCOUNT_COLUMNS} from account where account_id = any($1)"
+    )))
+    .bind(accounts)
+    .fetch_all(&mut *conn)
+    .await?;
     let lot_rows: Vec<LotRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {LOT_COLUMNS} from credit_lot
          where account_id = any($1) and (status = 'open' or lot_id = any($2))

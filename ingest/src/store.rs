@@ -7,7 +7,9 @@ use std::sync::{Arc, RwLock};
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 use tally_ledger::catalog::builtin_price_version;
-use tally_ledger::{AccountState, Applied, DomainError, Event, EventBody, PriceBook, PriceVersion, apply};
+use tally_ledger::{
+    AccountState, Applied, DomainError, Event, EventBody, PriceBook, PriceVersion, apply,
+};
 use uuid::Uuid;
 
 use crate::error::StoreError;
@@ -89,7 +91,10 @@ impl Store {
         .bind(now)
         .execute(&pool)
         .await?;
-        let store = Store { pool, prices: RwLock::new(Arc::new(PriceBook::default())) };
+        let store = Store {
+            pool,
+            prices: RwLock::new(Arc::new(PriceBook::default())),
+        };
         let book = store.load_price_book(&store.pool).await?;
         store.set_prices(book);
         Ok(store)
@@ -125,11 +130,15 @@ impl Store {
     }
 
     /// Reloads the price book when another instance published a version since we loaded it.
-    async fn current_prices(&self, tx: &mut Transaction<'_, Postgres>) -> Result<Arc<PriceBook>, StoreError> {
-        let latest: Option<String> =
-            sqlx::query_scalar("select version from price_version order by effective_from desc limit 1")
-                .fetch_optional(&mut **tx)
-                .await?;
+    async fn current_prices(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> Result<Arc<PriceBook>, StoreError> {
+        let latest: Option<String> = sqlx::query_scalar(
+            "select version from price_version order by effective_from desc limit 1",
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
         let cached = self.prices();
         if latest.as_deref() == cached.versions().last().map(|v| v.version.as_str()) {
             return Ok(cached);
@@ -139,9 +148,15 @@ impl Store {
         Ok(self.prices())
     }
 
-    pub async fn publish_price_version(&self, v: PriceVersion, now: DateTime<Utc>) -> Result<(), StoreError> {
+    pub async fn publish_price_version(
+        &self,
+        v: PriceVersion,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("lock table price_version in exclusive mode").execute(&mut *tx).await?;
+        sqlx::query("lock table price_version in exclusive mode")
+            .execute(&mut *tx)
+            .await?;
         let book = self.load_price_book(&mut *tx).await?;
         book.check_publishable(&v, now + Duration::seconds(MAX_CLOCK_SKEW_SECS))?;
         sqlx::query(
@@ -161,7 +176,12 @@ impl Store {
 
     /// Applies a batch: duplicates absorbed, conflicts recorded, the rest applied in order with
     /// all projections, in one transaction.
-    pub async fn ingest(&self, events: &[Event], mode: BatchMode, now: DateTime<Utc>) -> Result<BatchReport, StoreError> {
+    pub async fn ingest(
+        &self,
+        events: &[Event],
+        mode: BatchMode,
+        now: DateTime<Utc>,
+    ) -> Result<BatchReport, StoreError> {
         self.ingest_with(events, mode, now, None, |_| (200, serde_json::Value::Null))
             .await
             .map(|(report, _)| report)
@@ -186,7 +206,10 @@ impl Store {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.ingest_once(events, mode, now, idempotency, &respond).await {
+            match self
+                .ingest_once(events, mode, now, idempotency, &respond)
+                .await
+            {
                 Err(StoreError::Database(e)) if attempts < 3 && is_unique_violation(&e) => continue,
                 other => return other,
             }
@@ -205,7 +228,11 @@ impl Store {
         F: Fn(&BatchReport) -> (u16, serde_json::Value),
     {
         if events.len() > MAX_BATCH_EVENTS {
-            return Err(DomainError::invalid("events", format!("at most {MAX_BATCH_EVENTS} events per batch")).into());
+            return Err(DomainError::invalid(
+                "events",
+                format!("at most {MAX_BATCH_EVENTS} events per batch"),
+            )
+            .into());
         }
         let mut report = BatchReport::default();
         let mut candidates: Vec<(usize, &Event, [u8; 32])> = Vec::with_capacity(events.len());
@@ -236,11 +263,21 @@ impl Store {
                     return Err(StoreError::IdempotencyMismatch);
                 }
                 let status = u16::try_from(status).unwrap_or(200);
-                return Ok((report, StoredResponse { status, body, replayed: true }));
+                return Ok((
+                    report,
+                    StoredResponse {
+                        status,
+                        body,
+                        replayed: true,
+                    },
+                ));
             }
         }
 
-        let accounts: BTreeSet<&str> = candidates.iter().map(|(_, e, _)| e.account_id.as_str()).collect();
+        let accounts: BTreeSet<&str> = candidates
+            .iter()
+            .map(|(_, e, _)| e.account_id.as_str())
+            .collect();
         let accounts: Vec<String> = accounts.into_iter().map(str::to_string).collect();
         // Per-account locks, taken in one sorted order so two batches never deadlock. They make
         // seq order equal application order within an account.
@@ -253,13 +290,14 @@ impl Store {
         .await?;
 
         let ids: Vec<Uuid> = candidates.iter().map(|(_, e, _)| e.event_id).collect();
-        let existing: HashMap<Uuid, Vec<u8>> =
-            sqlx::query_as::<_, (Uuid, Vec<u8>)>("select event_id, payload_hash from event where event_id = any($1)")
-                .bind(&ids)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .collect();
+        let existing: HashMap<Uuid, Vec<u8>> = sqlx::query_as::<_, (Uuid, Vec<u8>)>(
+            "select event_id, payload_hash from event where event_id = any($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
 
         let referenced_lots: Vec<Uuid> = candidates
             .iter()
@@ -304,25 +342,36 @@ impl Store {
 
         project::record_conflicts(&mut tx, &conflicts, now).await?;
 
-        let seqs: Vec<i64> = sqlx::query_scalar("select nextval('event_seq') from generate_series(1, $1)")
-            .bind(i64::try_from(accepted.len()).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
-            .await?;
+        let seqs: Vec<i64> =
+            sqlx::query_scalar("select nextval('event_seq') from generate_series(1, $1)")
+                .bind(i64::try_from(accepted.len()).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await?;
         let mut seqs = seqs;
         seqs.sort_unstable();
         let items: Vec<AppliedEvent<'_>> = accepted
             .into_iter()
             .zip(seqs)
-            .map(|((_, event, hash, applied), seq)| AppliedEvent { seq, event, hash, applied })
+            .map(|((_, event, hash, applied), seq)| AppliedEvent {
+                seq,
+                event,
+                hash,
+                applied,
+            })
             .collect();
         project::insert_events(&mut tx, &items, now).await?;
         let changed: BTreeSet<&str> = items.iter().map(|i| i.event.account_id.as_str()).collect();
-        let changed_states: Vec<&AccountState> =
-            changed.iter().filter_map(|a| states.get(*a).and_then(Option::as_ref)).collect();
+        let changed_states: Vec<&AccountState> = changed
+            .iter()
+            .filter_map(|a| states.get(*a).and_then(Option::as_ref))
+            .collect();
         project::write_projections(&mut tx, &items, &changed_states).await?;
 
         report.applied = items.iter().map(|i| i.event.event_id).collect();
-        report.states = changed_states.into_iter().map(|s| (s.account_id.clone(), s.clone())).collect();
+        report.states = changed_states
+            .into_iter()
+            .map(|s| (s.account_id.clone(), s.clone()))
+            .collect();
 
         let (status, body) = respond(&report);
         if let Some(idem) = idempotency {
@@ -341,7 +390,14 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok((report, StoredResponse { status, body, replayed: false }))
+        Ok((
+            report,
+            StoredResponse {
+                status,
+                body,
+                replayed: false,
+            },
+        ))
     }
 }
 
@@ -363,14 +419,24 @@ fn reject(
     error: DomainError,
 ) -> Result<(), StoreError> {
     match mode {
-        BatchMode::AllOrNothing => Err(StoreError::Rejected { index, event_id, error }),
+        BatchMode::AllOrNothing => Err(StoreError::Rejected {
+            index,
+            event_id,
+            error,
+        }),
         BatchMode::BestEffort => {
-            report.rejected.push(RejectedEvent { index, event_id, error });
+            report.rejected.push(RejectedEvent {
+                index,
+                event_id,
+                error,
+            });
             Ok(())
         }
     }
 }
 
 pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "23505")
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "23505")
 }

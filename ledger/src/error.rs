@@ -32,6 +32,9 @@ pub enum DomainError {
 
 impl DomainError {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> DomainError {
-        DomainError::Invalid { field, reason: reason.into() }
+        DomainError::Invalid {
+            field,
+            reason: reason.into(),
+        }
     }
 }

@@ -15,9 +15,15 @@ pub const MAX_ID_LEN: usize = 128;
 
 pub fn validate_id(field: &'static str, id: &str) -> Result<(), DomainError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(DomainError::invalid(field, format!("must be 1 to {MAX_ID_LEN} characters")));
+        return Err(DomainError::invalid(
+            field,
+            format!("must be 1 to {MAX_ID_LEN} characters"),
+        ));
     }
-    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/')) {
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'))
+    {
         return Err(DomainError::invalid(
             field,
             "may contain only ASCII letters, digits and _ - . : /",
@@ -191,7 +197,10 @@ impl TokenCounts {
                 return Err(DomainError::invalid(field, "must not be negative"));
             }
             if v > MAX_TOKENS_PER_CLASS {
-                return Err(DomainError::invalid(field, format!("must be at most {MAX_TOKENS_PER_CLASS}")));
+                return Err(DomainError::invalid(
+                    field,
+                    format!("must be at most {MAX_TOKENS_PER_CLASS}"),
+                ));
             }
         }
         Ok(())
@@ -235,10 +244,16 @@ impl Usage {
         validate_id("provider", &self.provider)?;
         validate_id("credential_id", &self.credential_id)?;
         if self.model.is_empty() || self.model.len() > MAX_ID_LEN {
-            return Err(DomainError::invalid("model", format!("must be 1 to {MAX_ID_LEN} characters")));
+            return Err(DomainError::invalid(
+                "model",
+                format!("must be 1 to {MAX_ID_LEN} characters"),
+            ));
         }
         if !(100..=599).contains(&self.status) {
-            return Err(DomainError::invalid("status", "must be an HTTP status (100-599)"));
+            return Err(DomainError::invalid(
+                "status",
+                "must be an HTTP status (100-599)",
+            ));
         }
         if self.upstream_latency_ms > self.total_latency_ms {
             return Err(DomainError::invalid(
@@ -260,7 +275,10 @@ impl Event {
                     return Err(DomainError::invalid("name", "must be 1 to 200 characters"));
                 }
                 if o.low_balance_threshold_usd.is_negative() {
-                    return Err(DomainError::invalid("low_balance_threshold_usd", "must not be negative"));
+                    return Err(DomainError::invalid(
+                        "low_balance_threshold_usd",
+                        "must not be negative",
+                    ));
                 }
                 Ok(())
             }

@@ -33,7 +33,10 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn new(prices: PriceBook) -> Ledger {
-        Ledger { prices, ..Ledger::default() }
+        Ledger {
+            prices,
+            ..Ledger::default()
+        }
     }
 
     pub fn offer(&mut self, event: &Event) -> Outcome {
@@ -87,5 +90,126 @@ impl Ledger {
 
     pub fn conflicts(&self) -> &[Uuid] {
         &self.conflicts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::builtin_price_version;
+    use crate::event::{AccountOpened, CreditsGranted, CreditsPurchased, EventBody};
+    use crate::money::Money;
+    use chrono::{Duration, TimeZone, Utc};
+
+    fn event(n: u128, account: &str, body: EventBody) -> Event {
+        Event {
+            event_id: Uuid::from_u128(n),
+            occurred_at: Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap(),
+            account_id: account.into(),
+            body,
+        }
+    }
+
+    fn opened(n: u128, account: &str) -> Event {
+        event(
+            n,
+            account,
+            EventBody::AccountOpened(AccountOpened {
+                name: account.into(),
+                low_balance_threshold_usd: Money::ZERO,
+            }),
+        )
+    }
+
+    fn purchase(n: u128, account: &str, lot: u128, cents: i64) -> Event {
+        event(
+            n,
+            account,
+            EventBody::CreditsPurchased(CreditsPurchased {
+                lot_id: Uuid::from_u128(lot),
+                amount_usd: Money::from_cents(cents),
+                payment_reference: None,
+            }),
+        )
+    }
+
+    fn ledger() -> Ledger {
+        let mut ledger = Ledger::new(PriceBook::new(vec![builtin_price_version()]).unwrap());
+        for (n, account) in [(1, "a"), (2, "b")] {
+            assert!(matches!(
+                ledger.offer(&opened(n, account)),
+                Outcome::Applied(_)
+            ));
+        }
+        ledger
+    }
+
+    #[test]
+    fn duplicates_are_absorbed_and_conflicts_recorded_not_applied() {
+        let mut ledger = ledger();
+        let p = purchase(10, "a", 100, 500);
+        assert!(matches!(ledger.offer(&p), Outcome::Applied(_)));
+        let state = ledger.account("a").cloned();
+        assert_eq!(ledger.offer(&p), Outcome::Duplicate);
+        let changed = purchase(10, "a", 100, 600);
+        assert_eq!(ledger.offer(&changed), Outcome::Conflict);
+        assert_eq!(ledger.conflicts(), &[Uuid::from_u128(10)]);
+        assert_eq!(ledger.account("a").cloned(), state);
+    }
+
+    #[test]
+    fn refused_events_are_not_remembered() {
+        let mut ledger = ledger();
+        let early = purchase(10, "c", 100, 500);
+        assert_eq!(
+            ledger.offer(&early),
+            Outcome::Rejected(DomainError::UnknownAccount("c".into()))
+        );
+        assert!(matches!(
+            ledger.offer(&opened(11, "c")),
+            Outcome::Applied(_)
+        ));
+        assert!(matches!(ledger.offer(&early), Outcome::Applied(_)));
+    }
+
+    #[test]
+    fn lot_ids_are_unique_across_accounts() {
+        let mut ledger = ledger();
+        assert!(matches!(
+            ledger.offer(&purchase(10, "a", 100, 500)),
+            Outcome::Applied(_)
+        ));
+        let before: Vec<AccountState> = ledger.accounts().cloned().collect();
+        let lot = Uuid::from_u128(100);
+        assert_eq!(
+            ledger.offer(&purchase(11, "b", 100, 700)),
+            Outcome::Rejected(DomainError::DuplicateLot(lot))
+        );
+        let grant = event(
+            12,
+            "b",
+            EventBody::CreditsGranted(CreditsGranted {
+                lot_id: lot,
+                amount_usd: Money::from_cents(100),
+                expires_at: Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap() + Duration::days(1),
+                priority: 0,
+                reason: String::new(),
+            }),
+        );
+        assert_eq!(
+            ledger.offer(&grant),
+            Outcome::Rejected(DomainError::DuplicateLot(lot))
+        );
+        // Other refusals keep their own reason.
+        assert_eq!(
+            ledger.offer(&purchase(13, "b", 100, 499)),
+            Outcome::Rejected(DomainError::PurchaseBelowMinimum)
+        );
+        assert_eq!(ledger.accounts().cloned().collect::<Vec<_>>(), before);
+        // Refused, so the id is free to be used again with a valid payload.
+        assert!(matches!(
+            ledger.offer(&purchase(11, "b", 101, 700)),
+            Outcome::Applied(_)
+        ));
     }
 }

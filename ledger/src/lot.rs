@@ -112,7 +112,7 @@ impl Lot {
     pub fn can_burn_at(&self, at: DateTime<Utc>) -> bool {
         self.status == LotStatus::Open
             && self.remaining.is_positive()
-            && self.granted_at <= at + chrono::Duration::nanoseconds(1)
+            && self.granted_at <= at
             && at < self.expires_at
     }
 
@@ -130,17 +130,32 @@ mod tests {
     #[test]
     fn purchase_expires_365_days_later_across_a_leap_day() {
         let bought = Utc.with_ymd_and_hms(2028, 2, 1, 12, 30, 0).unwrap();
-        assert_eq!(purchase_expiry(bought), Utc.with_ymd_and_hms(2029, 1, 31, 12, 30, 0).unwrap());
+        assert_eq!(
+            purchase_expiry(bought),
+            Utc.with_ymd_and_hms(2029, 1, 31, 12, 30, 0).unwrap()
+        );
         let bought = Utc.with_ymd_and_hms(2026, 11, 23, 0, 0, 0).unwrap();
-        assert_eq!(purchase_expiry(bought), Utc.with_ymd_and_hms(2027, 11, 23, 0, 0, 0).unwrap());
+        assert_eq!(
+            purchase_expiry(bought),
+            Utc.with_ymd_and_hms(2027, 11, 23, 0, 0, 0).unwrap()
+        );
     }
 
     #[test]
     fn purchase_amount_rules() {
-        assert_eq!(validate_purchase_amount(Money::from_cents(499)), Err(DomainError::PurchaseBelowMinimum));
+        assert_eq!(
+            validate_purchase_amount(Money::from_cents(499)),
+            Err(DomainError::PurchaseBelowMinimum)
+        );
         assert_eq!(validate_purchase_amount(Money::from_cents(500)), Ok(()));
-        assert_eq!(validate_purchase_amount(Money::from_cents(0)), Err(DomainError::AmountNotPositive));
-        assert_eq!(validate_purchase_amount(Money::from_cents(-600)), Err(DomainError::AmountNotPositive));
+        assert_eq!(
+            validate_purchase_amount(Money::from_cents(0)),
+            Err(DomainError::AmountNotPositive)
+        );
+        assert_eq!(
+            validate_purchase_amount(Money::from_cents(-600)),
+            Err(DomainError::AmountNotPositive)
+        );
         let precise = Money::from_decimal_rounded("5.001".parse().unwrap()).unwrap();
         assert_eq!(
             validate_purchase_amount(precise),

@@ -86,6 +86,8 @@ impl Money {
             .and_then(Money::from_decimal_rounded)
     }
 
+    // Kept inherent (callers need no trait import); `std::ops::Neg` would be equivalent.
+    #[allow(clippy::should_implement_trait)]
     pub fn neg(self) -> Money {
         Money(-self.0)
     }
@@ -141,7 +143,9 @@ impl<'de> Deserialize<'de> for Money {
 
 /// Reads a decimal from a JSON string or integer. A JSON float is refused: it has already been
 /// rounded to binary by the time serde sees it, and money must not pass through binary floats.
-pub fn deserialize_decimal<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+pub fn deserialize_decimal<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Decimal, D::Error> {
     struct V;
     impl serde::de::Visitor<'_> for V {
         type Value = Decimal;
@@ -192,26 +196,39 @@ mod tests {
     #[test]
     fn exact_refuses_extra_places_but_accepts_trailing_zeros() {
         let ok = Money::from_decimal_exact(Decimal::from_str("5.10").unwrap(), 2);
-        assert_eq!(ok.map(|m| m.to_string()).ok(), Some("5.100000000".to_string()));
+        assert_eq!(
+            ok.map(|m| m.to_string()).ok(),
+            Some("5.100000000".to_string())
+        );
         let too_precise = Money::from_decimal_exact(Decimal::from_str("5.001").unwrap(), 2);
-        assert!(matches!(too_precise, Err(DomainError::AmountTooPrecise { max_places: 2 })));
+        assert!(matches!(
+            too_precise,
+            Err(DomainError::AmountTooPrecise { max_places: 2 })
+        ));
     }
 
     #[test]
     fn overflow_is_an_error() {
         let big = Money::from_decimal_rounded(MAX_AMOUNT_USD).unwrap();
-        assert!(matches!(big.checked_add(big), Err(DomainError::AmountOverflow)));
+        assert!(matches!(
+            big.checked_add(big),
+            Err(DomainError::AmountOverflow)
+        ));
     }
 
     #[test]
     fn json_floats_are_refused_strings_and_integers_accepted() {
         assert!(serde_json::from_str::<Money>("12.5").is_err());
         assert_eq!(
-            serde_json::from_str::<Money>("\"12.5\"").map(|m| m.to_string()).ok(),
+            serde_json::from_str::<Money>("\"12.5\"")
+                .map(|m| m.to_string())
+                .ok(),
             Some("12.500000000".to_string())
         );
         assert_eq!(
-            serde_json::from_str::<Money>("7").map(|m| m.to_string()).ok(),
+            serde_json::from_str::<Money>("7")
+                .map(|m| m.to_string())
+                .ok(),
             Some("7.000000000".to_string())
         );
         assert!(serde_json::from_str::<Money>("\"1e3\"").is_err());

@@ -77,10 +77,18 @@ pub struct Posting {
 
 impl Posting {
     pub fn new(ledger_account: LedgerAccount, amount: Money) -> Posting {
-        Posting { ledger_account, amount, lot_id: None }
+        Posting {
+            ledger_account,
+            amount,
+            lot_id: None,
+        }
     }
 
     pub fn on_lot(ledger_account: LedgerAccount, amount: Money, lot_id: Uuid) -> Posting {
-        Posting { ledger_account, amount, lot_id: Some(lot_id) }
+        Posting {
+            ledger_account,
+            amount,
+            lot_id: Some(lot_id),
+        }
     }
 }

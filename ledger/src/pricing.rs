@@ -95,7 +95,10 @@ pub struct FeePolicy {
 
 impl FeePolicy {
     pub fn none() -> FeePolicy {
-        FeePolicy { percent: Decimal::ZERO, per_request_usd: Money::ZERO }
+        FeePolicy {
+            percent: Decimal::ZERO,
+            per_request_usd: Money::ZERO,
+        }
     }
 
     /// The per-request part is charged only for successful attempts: a failed attempt that
@@ -107,7 +110,11 @@ impl FeePolicy {
             .and_then(|v| v.checked_div(Decimal::ONE_HUNDRED))
             .ok_or(DomainError::AmountOverflow)?;
         let pct = Money::from_decimal_rounded(pct)?;
-        if success { pct.checked_add(self.per_request_usd) } else { Ok(pct) }
+        if success {
+            pct.checked_add(self.per_request_usd)
+        } else {
+            Ok(pct)
+        }
     }
 }
 
@@ -130,15 +137,26 @@ impl PriceVersion {
     pub fn validate(&self) -> Result<(), DomainError> {
         crate::event::validate_id("version", &self.version)?;
         if self.fee.percent.is_sign_negative() || self.fee.percent > Decimal::ONE_HUNDRED {
-            return Err(DomainError::invalid("fee.percent", "must be between 0 and 100"));
+            return Err(DomainError::invalid(
+                "fee.percent",
+                "must be between 0 and 100",
+            ));
         }
         if self.fee.per_request_usd.is_negative() {
-            return Err(DomainError::invalid("fee.per_request_usd", "must not be negative"));
+            return Err(DomainError::invalid(
+                "fee.per_request_usd",
+                "must not be negative",
+            ));
         }
         for (key, prices) in &self.models {
             match key.split_once(':') {
                 Some((p, m)) if !p.is_empty() && !m.is_empty() => {}
-                _ => return Err(DomainError::invalid("models", format!("'{key}' is not provider:model"))),
+                _ => {
+                    return Err(DomainError::invalid(
+                        "models",
+                        format!("'{key}' is not provider:model"),
+                    ));
+                }
             }
             prices.validate("models")?;
         }
@@ -187,16 +205,22 @@ impl PriceBook {
         for v in &versions {
             v.validate()?;
         }
-        versions.sort_by(|a, b| a.effective_from.cmp(&b.effective_from));
+        versions.sort_by_key(|v| v.effective_from);
         for pair in versions.windows(2) {
             if pair[0].effective_from == pair[1].effective_from {
                 return Err(DomainError::invalid(
                     "effective_from",
-                    format!("versions '{}' and '{}' take effect at the same instant", pair[0].version, pair[1].version),
+                    format!(
+                        "versions '{}' and '{}' take effect at the same instant",
+                        pair[0].version, pair[1].version
+                    ),
                 ));
             }
             if pair[0].version == pair[1].version {
-                return Err(DomainError::invalid("version", format!("'{}' appears twice", pair[0].version)));
+                return Err(DomainError::invalid(
+                    "version",
+                    format!("'{}' appears twice", pair[0].version),
+                ));
             }
         }
         Ok(PriceBook { versions })
@@ -212,7 +236,11 @@ impl PriceBook {
 
     /// A new version must take effect after `now` and after every existing version, and must
     /// not reuse a version name: anything else would reprice events already applied.
-    pub fn check_publishable(&self, v: &PriceVersion, now: DateTime<Utc>) -> Result<(), DomainError> {
+    pub fn check_publishable(
+        &self,
+        v: &PriceVersion,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
         v.validate()?;
         if v.effective_from <= now {
             return Err(DomainError::invalid(
@@ -220,13 +248,19 @@ impl PriceBook {
                 "must be in the future: past prices are fixed so that replays price identically",
             ));
         }
-        if let Some(last) = self.versions.last() {
-            if v.effective_from <= last.effective_from {
-                return Err(DomainError::invalid("effective_from", "must be after the latest version's"));
-            }
+        if let Some(last) = self.versions.last()
+            && v.effective_from <= last.effective_from
+        {
+            return Err(DomainError::invalid(
+                "effective_from",
+                "must be after the latest version's",
+            ));
         }
         if self.versions.iter().any(|x| x.version == v.version) {
-            return Err(DomainError::invalid("version", format!("'{}' already exists", v.version)));
+            return Err(DomainError::invalid(
+                "version",
+                format!("'{}' already exists", v.version),
+            ));
         }
         Ok(())
     }
@@ -239,7 +273,12 @@ impl PriceBook {
         tokens: &TokenCounts,
     ) -> Result<Pricing, DomainError> {
         let Some(version) = self.in_force_at(at) else {
-            return Ok(Pricing { version: None, basis: PriceBasis::Unpriced, upstream_cost: Money::ZERO, fee_policy: None });
+            return Ok(Pricing {
+                version: None,
+                basis: PriceBasis::Unpriced,
+                upstream_cost: Money::ZERO,
+                fee_policy: None,
+            });
         };
         let key = format!("{provider}:{model}");
         let (basis, prices) = match (version.models.get(&key), &version.fallback) {
@@ -274,11 +313,17 @@ mod tests {
 
     fn version(name: &str, from: DateTime<Utc>, input: &str) -> PriceVersion {
         let mut models = BTreeMap::new();
-        models.insert("openai:gpt-4o".to_string(), TokenPrices::new(d(input), d("1.25"), d("10"), d("10")));
+        models.insert(
+            "openai:gpt-4o".to_string(),
+            TokenPrices::new(d(input), d("1.25"), d("10"), d("10")),
+        );
         PriceVersion {
             version: name.to_string(),
             effective_from: from,
-            fee: FeePolicy { percent: d("5"), per_request_usd: Money::ZERO },
+            fee: FeePolicy {
+                percent: d("5"),
+                per_request_usd: Money::ZERO,
+            },
             models,
             fallback: None,
         }
@@ -289,30 +334,55 @@ mod tests {
         let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let t1 = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
         let book = PriceBook::new(vec![version("v2", t1, "5"), version("v1", t0, "2.5")]).unwrap();
-        let tokens = TokenCounts { input: 1_000_000, ..Default::default() };
-        let before = book.price(t1 - chrono::Duration::seconds(1), "openai", "gpt-4o", &tokens).unwrap();
+        let tokens = TokenCounts {
+            input: 1_000_000,
+            ..Default::default()
+        };
+        let before = book
+            .price(
+                t1 - chrono::Duration::seconds(1),
+                "openai",
+                "gpt-4o",
+                &tokens,
+            )
+            .unwrap();
         let after = book.price(t1, "openai", "gpt-4o", &tokens).unwrap();
-        assert_eq!((before.version.as_deref(), before.upstream_cost), (Some("v1"), Money::from_cents(250)));
-        assert_eq!((after.version.as_deref(), after.upstream_cost), (Some("v2"), Money::from_cents(500)));
+        assert_eq!(
+            (before.version.as_deref(), before.upstream_cost),
+            (Some("v1"), Money::from_cents(250))
+        );
+        assert_eq!(
+            (after.version.as_deref(), after.upstream_cost),
+            (Some("v2"), Money::from_cents(500))
+        );
     }
 
     #[test]
     fn unknown_models_are_unpriced_or_fallback_never_silently_free() {
         let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let mut v = version("v1", t0, "2.5");
-        let tokens = TokenCounts { input: 1000, ..Default::default() };
+        let tokens = TokenCounts {
+            input: 1000,
+            ..Default::default()
+        };
         let book = PriceBook::new(vec![v.clone()]).unwrap();
         let p = book.price(t0, "acme", "llama", &tokens).unwrap();
         assert_eq!(p.basis, PriceBasis::Unpriced);
         v.fallback = Some(TokenPrices::new(d("1"), d("1"), d("1"), d("1")));
         let book = PriceBook::new(vec![v]).unwrap();
         let p = book.price(t0, "acme", "llama", &tokens).unwrap();
-        assert_eq!((p.basis, p.upstream_cost.to_string()), (PriceBasis::Fallback, "0.001000000".to_string()));
+        assert_eq!(
+            (p.basis, p.upstream_cost.to_string()),
+            (PriceBasis::Fallback, "0.001000000".to_string())
+        );
     }
 
     #[test]
     fn fee_is_percent_plus_per_request_on_success_only() {
-        let fee = FeePolicy { percent: d("5.5"), per_request_usd: Money::from_cents(1) };
+        let fee = FeePolicy {
+            percent: d("5.5"),
+            per_request_usd: Money::from_cents(1),
+        };
         let upstream = Money::from_cents(200);
         assert_eq!(fee.fee(upstream, true).unwrap().to_string(), "0.120000000");
         assert_eq!(fee.fee(upstream, false).unwrap().to_string(), "0.110000000");
@@ -323,8 +393,17 @@ mod tests {
         let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let book = PriceBook::new(vec![version("v1", t0, "2.5")]).unwrap();
         let now = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
-        assert!(book.check_publishable(&version("v2", now, "3"), now).is_err());
-        assert!(book.check_publishable(&version("v2", now + chrono::Duration::hours(1), "3"), now).is_ok());
-        assert!(book.check_publishable(&version("v1", now + chrono::Duration::hours(1), "3"), now).is_err());
+        assert!(
+            book.check_publishable(&version("v2", now, "3"), now)
+                .is_err()
+        );
+        assert!(
+            book.check_publishable(&version("v2", now + chrono::Duration::hours(1), "3"), now)
+                .is_ok()
+        );
+        assert!(
+            book.check_publishable(&version("v1", now + chrono::Duration::hours(1), "3"), now)
+                .is_err()
+        );
     }
 }

@@ -27,7 +27,11 @@ const DAY: i64 = 86_400;
 const ACCOUNTS: [&str; 3] = ["acct-a", "acct-b", "acct-c"];
 
 fn cases() -> ProptestConfig {
-    ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 fn prices() -> PriceBook {
@@ -53,7 +57,11 @@ fn models() -> Vec<(String, String)> {
             (p.to_string(), m.to_string())
         })
         .collect();
-    for (p, m) in [("openai", "gpt-9-unknown"), ("ollama", "llama3"), ("anthropic", "claude-0")] {
+    for (p, m) in [
+        ("openai", "gpt-9-unknown"),
+        ("ollama", "llama3"),
+        ("anthropic", "claude-0"),
+    ] {
         out.push((p.to_string(), m.to_string()));
     }
     out
@@ -87,16 +95,44 @@ enum ExpiryAt {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Purchase { acct: usize, cents: i64, dt: i64, reuse: Option<usize> },
-    Grant { acct: usize, cents: i64, priority: i32, validity: i64, dt: i64 },
-    Void { acct: usize, target: Option<usize>, dt: i64 },
-    Expire { target: usize, at: ExpiryAt },
+    Purchase {
+        acct: usize,
+        cents: i64,
+        dt: i64,
+        reuse: Option<usize>,
+    },
+    Grant {
+        acct: usize,
+        cents: i64,
+        priority: i32,
+        validity: i64,
+        dt: i64,
+    },
+    Void {
+        acct: usize,
+        target: Option<usize>,
+        dt: i64,
+    },
+    Expire {
+        target: usize,
+        at: ExpiryAt,
+    },
     Usage(UsageOp),
     /// Usage on a lot's boundary: at its expiry (or just before), or at its grant instant.
-    UsageAtBoundary { target: usize, boundary: Boundary, usage: UsageOp },
-    Duplicate { pick: usize },
-    Conflict { pick: usize },
-    Reopen { acct: usize },
+    UsageAtBoundary {
+        target: usize,
+        boundary: Boundary,
+        usage: UsageOp,
+    },
+    Duplicate {
+        pick: usize,
+    },
+    Conflict {
+        pick: usize,
+    },
+    Reopen {
+        acct: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -134,7 +170,12 @@ fn token_count() -> impl Strategy<Value = i64> {
 
 fn tokens() -> impl Strategy<Value = TokenCounts> {
     (token_count(), token_count(), token_count(), token_count()).prop_map(
-        |(input, cached_input, output, reasoning)| TokenCounts { input, cached_input, output, reasoning },
+        |(input, cached_input, output, reasoning)| TokenCounts {
+            input,
+            cached_input,
+            output,
+            reasoning,
+        },
     )
 }
 
@@ -157,16 +198,18 @@ fn usage_op() -> impl Strategy<Value = UsageOp> {
         dt(),
         prop::bool::weighted(0.03),
     )
-        .prop_map(|(acct, kind, model, tokens, status, streaming, dt, before_catalog)| UsageOp {
-            acct,
-            kind,
-            model,
-            tokens,
-            status,
-            streaming,
-            dt,
-            before_catalog,
-        })
+        .prop_map(
+            |(acct, kind, model, tokens, status, streaming, dt, before_catalog)| UsageOp {
+                acct,
+                kind,
+                model,
+                tokens,
+                status,
+                streaming,
+                dt,
+                before_catalog,
+            },
+        )
 }
 
 fn expiry_at() -> impl Strategy<Value = ExpiryAt> {
@@ -272,7 +315,11 @@ impl Builder {
             credential_kind: u.kind,
             credential_id,
             tokens: u.tokens,
-            token_source: if u.streaming { TokenSource::Estimate } else { TokenSource::Provider },
+            token_source: if u.streaming {
+                TokenSource::Estimate
+            } else {
+                TokenSource::Provider
+            },
             upstream_latency_ms: 120,
             total_latency_ms: 135,
             status: u.status,
@@ -284,7 +331,12 @@ impl Builder {
     fn op(&mut self, op: &Op) {
         let n = self.accounts;
         match op {
-            Op::Purchase { acct, cents, dt, reuse } => {
+            Op::Purchase {
+                acct,
+                cents,
+                dt,
+                reuse,
+            } => {
                 let at = self.step(*dt);
                 let lot_id = match reuse {
                     Some(i) if !self.lots.is_empty() => self.lots[i % self.lots.len()].lot_id,
@@ -295,7 +347,12 @@ impl Builder {
                         // refused event that is offered again after the lot appears would
                         // apply the second time (refusals are not remembered by id).
                         if *cents >= 500 {
-                            self.lots.push(GenLot { lot_id: id, acct: acct % n, granted_at: at, expires_at });
+                            self.lots.push(GenLot {
+                                lot_id: id,
+                                acct: acct % n,
+                                granted_at: at,
+                                expires_at,
+                            });
                         }
                         id
                     }
@@ -307,12 +364,23 @@ impl Builder {
                 });
                 self.push(at, *acct, body);
             }
-            Op::Grant { acct, cents, priority, validity, dt } => {
+            Op::Grant {
+                acct,
+                cents,
+                priority,
+                validity,
+                dt,
+            } => {
                 let at = self.step(*dt);
                 let lot_id = self.lot_id();
                 let expires_at = at + Duration::seconds(*validity);
                 if *validity > 0 {
-                    self.lots.push(GenLot { lot_id, acct: acct % n, granted_at: at, expires_at });
+                    self.lots.push(GenLot {
+                        lot_id,
+                        acct: acct % n,
+                        granted_at: at,
+                        expires_at,
+                    });
                 }
                 let body = EventBody::CreditsGranted(CreditsGranted {
                     lot_id,
@@ -332,7 +400,10 @@ impl Builder {
                     }
                     _ => (*acct, self.unknown_lot_id()),
                 };
-                let body = EventBody::LotVoided(LotVoided { lot_id, reason: "refund".to_string() });
+                let body = EventBody::LotVoided(LotVoided {
+                    lot_id,
+                    reason: "refund".to_string(),
+                });
                 self.push(at, acct, body);
             }
             Op::Expire { target, at } => {
@@ -349,7 +420,11 @@ impl Builder {
                 let body = EventBody::LotExpired(LotExpired { lot_id: l.lot_id });
                 self.push(when, l.acct, body);
             }
-            Op::UsageAtBoundary { target, boundary, usage } => {
+            Op::UsageAtBoundary {
+                target,
+                boundary,
+                usage,
+            } => {
                 if self.lots.is_empty() {
                     return;
                 }
@@ -360,11 +435,20 @@ impl Builder {
                     Boundary::Grant => l.granted_at,
                     Boundary::BeforeGrant => l.granted_at - Duration::nanoseconds(1),
                 };
-                let usage = UsageOp { acct: l.acct, kind: CredentialKind::Managed, before_catalog: false, ..usage.clone() };
+                let usage = UsageOp {
+                    acct: l.acct,
+                    kind: CredentialKind::Managed,
+                    before_catalog: false,
+                    ..usage.clone()
+                };
                 self.usage(at, &usage);
             }
             Op::Usage(u) => {
-                let at = if u.before_catalog { ts(2024, 6, 1, 12, 0, 0) } else { self.step(u.dt) };
+                let at = if u.before_catalog {
+                    ts(2024, 6, 1, 12, 0, 0)
+                } else {
+                    self.step(u.dt)
+                };
                 self.usage(at, u);
             }
             Op::Duplicate { pick } => {
@@ -422,11 +506,18 @@ fn build(accounts: usize, thresholds: &[i64], ops: &[Op]) -> History {
     for op in ops {
         b.op(op);
     }
-    History { accounts, events: b.events }
+    History {
+        accounts,
+        events: b.events,
+    }
 }
 
 fn history() -> impl Strategy<Value = History> {
-    (1usize..=3, prop::collection::vec(0i64..=2_000, 3), prop::collection::vec(op(), 1..70))
+    (
+        1usize..=3,
+        prop::collection::vec(0i64..=2_000, 3),
+        prop::collection::vec(op(), 1..70),
+    )
         .prop_map(|(n, thresholds, ops)| build(n, &thresholds, &ops))
 }
 
@@ -458,7 +549,12 @@ fn offer_all(ledger: &mut Ledger, events: &[Event]) -> Vec<Record> {
             let before = ledger.account(&e.account_id).cloned();
             let outcome = ledger.offer(e);
             let after = ledger.account(&e.account_id).cloned();
-            Record { event: e.clone(), before, after, outcome }
+            Record {
+                event: e.clone(),
+                before,
+                after,
+                outcome,
+            }
         })
         .collect()
 }
@@ -473,7 +569,7 @@ fn states(ledger: &Ledger) -> Vec<AccountState> {
     ledger.accounts().cloned().collect()
 }
 
-fn lot<'a>(state: &'a AccountState, lot_id: Uuid) -> &'a Lot {
+fn lot(state: &AccountState, lot_id: Uuid) -> &Lot {
     state.lots.iter().find(|l| l.lot_id == lot_id).unwrap()
 }
 
@@ -483,8 +579,9 @@ fn posting_sums(records: &[Record]) -> BTreeMap<(String, LedgerAccount), Decimal
     for r in records {
         if let Some(a) = r.applied() {
             for p in &a.postings {
-                *sums.entry((r.event.account_id.clone(), p.ledger_account)).or_insert(Decimal::ZERO) +=
-                    dec(p.amount);
+                *sums
+                    .entry((r.event.account_id.clone(), p.ledger_account))
+                    .or_insert(Decimal::ZERO) += dec(p.amount);
             }
         }
     }
@@ -509,7 +606,10 @@ fn expected_upstream(at: DateTime<Utc>, u: &Usage) -> Decimal {
 }
 
 fn eligible_at(l: &Lot, at: DateTime<Utc>) -> bool {
-    l.status == LotStatus::Open && l.remaining > Money::ZERO && l.granted_at <= at && at < l.expires_at
+    l.status == LotStatus::Open
+        && l.remaining > Money::ZERO
+        && l.granted_at <= at
+        && at < l.expires_at
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -518,7 +618,12 @@ fn eligible_at(l: &Lot, at: DateTime<Utc>) -> bool {
 
 fn check_conservation(state: &AccountState) -> Result<(), TestCaseError> {
     let t = &state.totals;
-    let remaining: Decimal = state.lots.iter().filter(|l| l.status == LotStatus::Open).map(|l| dec(l.remaining)).sum();
+    let remaining: Decimal = state
+        .lots
+        .iter()
+        .filter(|l| l.status == LotStatus::Open)
+        .map(|l| dec(l.remaining))
+        .sum();
     prop_assert_eq!(dec(state.remaining().unwrap()), remaining);
     prop_assert_eq!(
         dec(t.purchased) + dec(t.granted),
@@ -532,8 +637,13 @@ fn check_conservation(state: &AccountState) -> Result<(), TestCaseError> {
         dec(t.charged_upstream) + dec(t.charged_fee),
         dec(t.burned) - dec(t.debt_settled) + dec(t.debt_incurred)
     );
-    let (mut purchased, mut granted, mut burned, mut expired, mut voided) =
-        (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, Decimal::ZERO);
+    let (mut purchased, mut granted, mut burned, mut expired, mut voided) = (
+        Decimal::ZERO,
+        Decimal::ZERO,
+        Decimal::ZERO,
+        Decimal::ZERO,
+        Decimal::ZERO,
+    );
     for l in &state.lots {
         prop_assert_eq!(
             dec(l.amount),
@@ -545,9 +655,15 @@ fn check_conservation(state: &AccountState) -> Result<(), TestCaseError> {
         prop_assert!(l.granted_at < l.expires_at);
         prop_assert_eq!(&l.account_id, &state.account_id);
         match l.status {
-            LotStatus::Open => prop_assert!(l.closed_at.is_none() && l.expired.is_zero() && l.voided.is_zero()),
-            LotStatus::Expired => prop_assert!(l.closed_at.is_some() && l.remaining.is_zero() && l.voided.is_zero()),
-            LotStatus::Voided => prop_assert!(l.closed_at.is_some() && l.remaining.is_zero() && l.expired.is_zero()),
+            LotStatus::Open => {
+                prop_assert!(l.closed_at.is_none() && l.expired.is_zero() && l.voided.is_zero())
+            }
+            LotStatus::Expired => {
+                prop_assert!(l.closed_at.is_some() && l.remaining.is_zero() && l.voided.is_zero())
+            }
+            LotStatus::Voided => {
+                prop_assert!(l.closed_at.is_some() && l.remaining.is_zero() && l.expired.is_zero())
+            }
         }
         match l.source {
             LotSource::Purchase => purchased += dec(l.amount),
@@ -679,7 +795,11 @@ fn chunks<T: Clone>(items: &[T], sizes: &[usize]) -> Vec<Vec<T>> {
     let mut rest = items;
     let mut i = 0;
     while !rest.is_empty() {
-        let n = sizes.get(i).copied().unwrap_or(rest.len()).clamp(1, rest.len());
+        let n = sizes
+            .get(i)
+            .copied()
+            .unwrap_or(rest.len())
+            .clamp(1, rest.len());
         out.push(rest[..n].to_vec());
         rest = &rest[n..];
         i += 1;
@@ -934,23 +1054,42 @@ fn open(at: DateTime<Utc>) -> Event {
         event_id: Uuid::from_u128(1),
         occurred_at: at,
         account_id: "acct-a".to_string(),
-        body: EventBody::AccountOpened(AccountOpened { name: "A".to_string(), low_balance_threshold_usd: Money::ZERO }),
+        body: EventBody::AccountOpened(AccountOpened {
+            name: "A".to_string(),
+            low_balance_threshold_usd: Money::ZERO,
+        }),
     }
 }
 
 fn event(n: u128, at: DateTime<Utc>, body: EventBody) -> Event {
-    Event { event_id: Uuid::from_u128(n), occurred_at: at, account_id: "acct-a".to_string(), body }
+    Event {
+        event_id: Uuid::from_u128(n),
+        occurred_at: at,
+        account_id: "acct-a".to_string(),
+        body,
+    }
 }
 
 fn purchase(n: u128, at: DateTime<Utc>, lot_id: Uuid, cents: i64) -> Event {
     event(
         n,
         at,
-        EventBody::CreditsPurchased(CreditsPurchased { lot_id, amount_usd: m(cents), payment_reference: None }),
+        EventBody::CreditsPurchased(CreditsPurchased {
+            lot_id,
+            amount_usd: m(cents),
+            payment_reference: None,
+        }),
     )
 }
 
-fn grant(n: u128, at: DateTime<Utc>, lot_id: Uuid, cents: i64, expires_at: DateTime<Utc>, priority: i32) -> Event {
+fn grant(
+    n: u128,
+    at: DateTime<Utc>,
+    lot_id: Uuid,
+    cents: i64,
+    expires_at: DateTime<Utc>,
+    priority: i32,
+) -> Event {
     event(
         n,
         at,
@@ -981,7 +1120,12 @@ fn usage(n: u128, at: DateTime<Utc>, kind: CredentialKind, output_tokens: i64) -
             model: "gpt-4o".to_string(),
             credential_kind: kind,
             credential_id: "cred-1".to_string(),
-            tokens: TokenCounts { input: 0, cached_input: 0, output: output_tokens, reasoning: 0 },
+            tokens: TokenCounts {
+                input: 0,
+                cached_input: 0,
+                output: output_tokens,
+                reasoning: 0,
+            },
             token_source: TokenSource::Provider,
             upstream_latency_ms: 10,
             total_latency_ms: 12,
@@ -1008,7 +1152,11 @@ fn instant_around_leap_days() -> impl Strategy<Value = DateTime<Utc>> {
         Just(ts(2026, 12, 31, 0, 0, 0)),
         (0i64..2_000).prop_map(|d| ts(2026, 1, 1, 0, 0, 0) + Duration::days(d)),
     ];
-    (days, 0i64..DAY, prop_oneof![Just(0i64), 0i64..1_000_000_000])
+    (
+        days,
+        0i64..DAY,
+        prop_oneof![Just(0i64), 0i64..1_000_000_000],
+    )
         .prop_map(|(d, s, ns)| d + Duration::seconds(s) + Duration::nanoseconds(ns))
 }
 
@@ -1107,14 +1255,28 @@ fn leap_day_purchases_expire_365_days_of_86400_seconds_later() {
 
 fn check_decision(state: &AccountState, now: DateTime<Utc>) -> Result<(), TestCaseError> {
     let d = decide(state, now).unwrap();
-    let spendable: Decimal = state.lots.iter().filter(|l| eligible_at(l, now)).map(|l| dec(l.remaining)).sum();
+    let spendable: Decimal = state
+        .lots
+        .iter()
+        .filter(|l| eligible_at(l, now))
+        .map(|l| dec(l.remaining))
+        .sum();
     let available = spendable - dec(state.debt);
     prop_assert!(d.allow_byok);
     prop_assert_eq!(dec(d.spendable_usd), spendable);
     prop_assert_eq!(dec(d.available_usd), available);
     prop_assert_eq!(d.debt_usd, state.debt);
-    prop_assert_eq!(d.allow_managed, available > Decimal::ZERO, "at {}: {:?}", now, d);
-    prop_assert_eq!(d.reason == tally_ledger::DecisionReason::CreditsExhausted, !d.allow_managed);
+    prop_assert_eq!(
+        d.allow_managed,
+        available > Decimal::ZERO,
+        "at {}: {:?}",
+        now,
+        d
+    );
+    prop_assert_eq!(
+        d.reason == tally_ledger::DecisionReason::CreditsExhausted,
+        !d.allow_managed
+    );
     prop_assert_eq!(d.low_balance, available <= dec(state.low_balance_threshold));
     if let Some(next) = d.next_change_at {
         prop_assert!(next > now);
@@ -1261,44 +1423,4 @@ proptest! {
             }
         }
     }
-}
-
-#[test]
-fn zz_stats() {
-    use proptest::strategy::ValueTree;
-    use proptest::test_runner::TestRunner;
-    let mut runner = TestRunner::deterministic();
-    let mut stats: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..256 {
-        let h = history().new_tree(&mut runner).unwrap().current();
-        let (ledger, records) = run(&h);
-        *stats.entry(format!("events")).or_default() += records.len();
-        for r in &records {
-            let key = match &r.outcome {
-                Outcome::Applied(a) => {
-                    let extra = match (&r.event.body, &a.usage) {
-                        (EventBody::Usage(u), Some(c)) => format!(
-                            "/{}/{}{}{}",
-                            u.credential_kind.as_str(),
-                            c.price_basis.as_str(),
-                            if c.debt_incurred.is_positive() { "/debt" } else { "" },
-                            if c.burned.is_positive() { "/burn" } else { "" }
-                        ) + if a.touched_lots.len() > 1 { "/multi" } else { "" },
-                        (EventBody::CreditsPurchased(_), _) if a.postings.iter().any(|p| p.ledger_account == LedgerAccount::CustomerDebt) => "/settles".to_string(),
-                        (EventBody::LotExpired(_), _) if a.postings.is_empty() => "/noop".to_string(),
-                        _ => String::new(),
-                    };
-                    format!("applied {}{}", r.event.body.kind(), extra)
-                }
-                Outcome::Rejected(e) => format!("rejected {} {:?}", r.event.body.kind(), std::mem::discriminant(e)).chars().take(60).collect(),
-                Outcome::Duplicate => "duplicate".to_string(),
-                Outcome::Conflict => "conflict".to_string(),
-            };
-            *stats.entry(key).or_default() += 1;
-        }
-        for s in ledger.accounts() {
-            if s.debt.is_positive() { *stats.entry("final debt".into()).or_default() += 1; }
-        }
-    }
-    for (k, v) in stats { println!("{k}: {v}"); }
 }

@@ -22,7 +22,10 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::BadRequest { code, message: message.into() }
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -57,10 +60,14 @@ pub fn domain_status(e: &DomainError) -> (StatusCode, &'static str) {
 impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str, String) {
         match self {
-            ApiError::BadRequest { code, message } => (StatusCode::BAD_REQUEST, code, message.clone()),
-            ApiError::UnsupportedMediaType { message } => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message.clone())
+            ApiError::BadRequest { code, message } => {
+                (StatusCode::BAD_REQUEST, code, message.clone())
             }
+            ApiError::UnsupportedMediaType { message } => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                message.clone(),
+            ),
             ApiError::Domain(e) => {
                 let (s, c) = domain_status(e);
                 (s, c, e.to_string())
@@ -69,9 +76,19 @@ impl ApiError {
                 let (s, c) = domain_status(e);
                 (s, c, e.to_string())
             }
-            ApiError::Store(StoreError::Rejected { index, event_id, error }) => {
+            ApiError::Store(StoreError::Rejected {
+                index,
+                event_id,
+                error,
+            }) => {
                 let (s, c) = domain_status(error);
-                (s, c, format!("events[{index}] ({event_id}): {error}; no event of the batch was applied"))
+                (
+                    s,
+                    c,
+                    format!(
+                        "events[{index}] ({event_id}): {error}; no event of the batch was applied"
+                    ),
+                )
             }
             ApiError::Store(StoreError::IdempotencyMismatch) => (
                 StatusCode::CONFLICT,
@@ -79,23 +96,36 @@ impl ApiError {
                 "this Idempotency-Key was already used with a different request".to_string(),
             ),
             ApiError::Store(StoreError::NotFound(what)) => {
-                let code = if what.starts_with("account") { "account_not_found" } else { "not_found" };
-                (StatusCode::NOT_FOUND, code, format!("{what} does not exist"))
+                let code = if what.starts_with("account") {
+                    "account_not_found"
+                } else {
+                    "not_found"
+                };
+                (
+                    StatusCode::NOT_FOUND,
+                    code,
+                    format!("{what} does not exist"),
+                )
             }
             ApiError::Store(StoreError::Database(e)) if is_unavailable(e) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "database_unavailable",
                 "the database is unavailable; retry later".to_string(),
             ),
-            ApiError::Store(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; it has been logged".to_string())
-            }
+            ApiError::Store(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; it has been logged".to_string(),
+            ),
         }
     }
 }
 
 fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed)
+    matches!(
+        e,
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+    )
 }
 
 impl IntoResponse for ApiError {
@@ -106,6 +136,12 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(error = %self, code, "request refused");
         }
-        (status, Json(Body { error: Detail { code, message } })).into_response()
+        (
+            status,
+            Json(Body {
+                error: Detail { code, message },
+            }),
+        )
+            .into_response()
     }
 }

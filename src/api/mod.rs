@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tally_ingest::query::{self, Granularity, UsageDim, UsageQuery};
 use tally_ingest::{BatchMode, BatchReport, Idempotency, Store};
-use tally_ledger::event::{AccountOpened, CreditsGranted, CreditsPurchased, LotVoided, validate_id};
+use tally_ledger::event::{
+    AccountOpened, CreditsGranted, CreditsPurchased, LotVoided, validate_id,
+};
 use tally_ledger::lot::CREDIT_AMOUNT_PLACES;
 use tally_ledger::{DomainError, Event, EventBody, Money, PriceVersion};
 use uuid::Uuid;
@@ -53,7 +55,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/accounts/{account_id}/purchases", post(purchase))
         .route("/v1/accounts/{account_id}/grants", post(grant))
         .route("/v1/accounts/{account_id}/lots", get(list_lots))
-        .route("/v1/accounts/{account_id}/lots/{lot_id}/void", post(void_lot))
+        .route(
+            "/v1/accounts/{account_id}/lots/{lot_id}/void",
+            post(void_lot),
+        )
         .route("/v1/accounts/{account_id}/balance", get(balance))
         .route("/v1/accounts/{account_id}/ledger", get(ledger))
         .route("/v1/usage", get(usage))
@@ -70,7 +75,10 @@ async fn not_found() -> ApiError {
 }
 
 async fn healthz(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    sqlx::query("select 1").execute(s.store.pool()).await.map_err(tally_ingest::StoreError::from)?;
+    sqlx::query("select 1")
+        .execute(s.store.pool())
+        .await
+        .map_err(tally_ingest::StoreError::from)?;
     Ok(Json(serde_json::json!({"status": "ok"})))
 }
 
@@ -97,8 +105,14 @@ impl AmountInput {
     }
 }
 
-fn idempotency(headers: &HeaderMap, scope: String, body: &impl Serialize) -> Result<Option<Idempotency>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+fn idempotency(
+    headers: &HeaderMap,
+    scope: String,
+    body: &impl Serialize,
+) -> Result<Option<Idempotency>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
     let key = v
         .to_str()
         .ok()
@@ -110,17 +124,25 @@ fn idempotency(headers: &HeaderMap, scope: String, body: &impl Serialize) -> Res
                 format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
             )
         })?;
-    let canonical = serde_json::to_vec(body).map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?;
+    let canonical = serde_json::to_vec(body)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?;
     let mut h = Sha256::new();
     h.update(scope.as_bytes());
     h.update([0]);
     h.update(&canonical);
-    Ok(Some(Idempotency { scope, key: key.to_string(), request_hash: h.finalize().to_vec() }))
+    Ok(Some(Idempotency {
+        scope,
+        key: key.to_string(),
+        request_hash: h.finalize().to_vec(),
+    }))
 }
 
 fn derived_id(idem: Option<&Idempotency>, what: &str) -> Uuid {
     match idem {
-        Some(i) => Uuid::new_v5(&COMMAND_NAMESPACE, format!("{what}\u{0}{}\u{0}{}", i.scope, i.key).as_bytes()),
+        Some(i) => Uuid::new_v5(
+            &COMMAND_NAMESPACE,
+            format!("{what}\u{0}{}\u{0}{}", i.scope, i.key).as_bytes(),
+        ),
         None => Uuid::new_v4(),
     }
 }
@@ -143,12 +165,17 @@ async fn create_account(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<CreateAccount>,
 ) -> Result<(StatusCode, Json<query::AccountView>), ApiError> {
-    let account_id = req.account_id.clone().unwrap_or_else(|| format!("acct_{}", Uuid::new_v4().simple()));
+    let account_id = req
+        .account_id
+        .clone()
+        .unwrap_or_else(|| format!("acct_{}", Uuid::new_v4().simple()));
     check_account_id(&account_id)?;
     let threshold = match req.low_balance_threshold_usd {
         None => Money::ZERO,
         Some(AmountInput(d)) if d < Decimal::ZERO => {
-            return Err(DomainError::invalid("low_balance_threshold_usd", "must not be negative").into());
+            return Err(
+                DomainError::invalid("low_balance_threshold_usd", "must not be negative").into(),
+            );
         }
         Some(AmountInput(d)) => Money::from_decimal_exact(d, CREDIT_AMOUNT_PLACES)?,
     };
@@ -156,18 +183,27 @@ async fn create_account(
         event_id: Uuid::new_v4(),
         occurred_at: s.clock.now(),
         account_id: account_id.clone(),
-        body: EventBody::AccountOpened(AccountOpened { name: req.name, low_balance_threshold_usd: threshold }),
+        body: EventBody::AccountOpened(AccountOpened {
+            name: req.name,
+            low_balance_threshold_usd: threshold,
+        }),
     };
     let report = ingest_one(&s, event).await?;
-    let state = report
-        .states
-        .get(&account_id)
-        .ok_or_else(|| tally_ingest::StoreError::Corrupt("opened account missing from batch".into()))?;
+    let state = report.states.get(&account_id).ok_or_else(|| {
+        tally_ingest::StoreError::Corrupt("opened account missing from batch".into())
+    })?;
     Ok((StatusCode::CREATED, Json(query::AccountView::from(state))))
 }
 
 async fn ingest_one(s: &AppState, event: Event) -> Result<BatchReport, ApiError> {
-    let report = s.store.ingest(std::slice::from_ref(&event), BatchMode::AllOrNothing, s.clock.now()).await?;
+    let report = s
+        .store
+        .ingest(
+            std::slice::from_ref(&event),
+            BatchMode::AllOrNothing,
+            s.clock.now(),
+        )
+        .await?;
     Ok(report)
 }
 
@@ -221,10 +257,20 @@ fn ser_amount<S: serde::Serializer>(a: &AmountInput, s: S) -> Result<S::Ok, S::E
 /// A new lot and the balance after it.
 fn lot_response(report: &BatchReport, account_id: &str, lot_id: Uuid) -> (u16, serde_json::Value) {
     let Some(state) = report.states.get(account_id) else {
-        return (500, serde_json::json!({"error": {"code": "internal", "message": "lot missing"}}));
+        return (
+            500,
+            serde_json::json!({"error": {"code": "internal", "message": "lot missing"}}),
+        );
     };
-    let lot = state.lots.iter().find(|l| l.lot_id == lot_id).map(query::LotView::from);
-    let balance = state.remaining().and_then(|r| r.checked_sub(state.debt)).unwrap_or(Money::ZERO);
+    let lot = state
+        .lots
+        .iter()
+        .find(|l| l.lot_id == lot_id)
+        .map(query::LotView::from);
+    let balance = state
+        .remaining()
+        .and_then(|r| r.checked_sub(state.debt))
+        .unwrap_or(Money::ZERO);
     (
         201,
         serde_json::json!({
@@ -253,9 +299,13 @@ async fn run_lot_command(
     };
     let (_, resp) = s
         .store
-        .ingest_with(std::slice::from_ref(&event), BatchMode::AllOrNothing, s.clock.now(), idem.as_ref(), |r| {
-            lot_response(r, &account_id, lot_id)
-        })
+        .ingest_with(
+            std::slice::from_ref(&event),
+            BatchMode::AllOrNothing,
+            s.clock.now(),
+            idem.as_ref(),
+            |r| lot_response(r, &account_id, lot_id),
+        )
         .await?;
     let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK);
     Ok((status, Json(resp.body)))
@@ -272,7 +322,11 @@ async fn purchase(
     tally_ledger::lot::validate_purchase_amount(amount)?;
     let reference = req.payment_reference.clone();
     run_lot_command(&s, &headers, account_id, "purchase", &req, |lot_id| {
-        EventBody::CreditsPurchased(CreditsPurchased { lot_id, amount_usd: amount, payment_reference: reference })
+        EventBody::CreditsPurchased(CreditsPurchased {
+            lot_id,
+            amount_usd: amount,
+            payment_reference: reference,
+        })
     })
     .await
 }
@@ -285,10 +339,19 @@ async fn grant(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     check_account_id(&account_id)?;
     let amount = req.amount_usd.credit_amount()?;
-    let (expires_at, priority, reason) =
-        (req.expires_at, req.priority.unwrap_or(DEFAULT_GRANT_PRIORITY), req.reason.clone().unwrap_or_default());
+    let (expires_at, priority, reason) = (
+        req.expires_at,
+        req.priority.unwrap_or(DEFAULT_GRANT_PRIORITY),
+        req.reason.clone().unwrap_or_default(),
+    );
     run_lot_command(&s, &headers, account_id, "grant", &req, |lot_id| {
-        EventBody::CreditsGranted(CreditsGranted { lot_id, amount_usd: amount, expires_at, priority, reason })
+        EventBody::CreditsGranted(CreditsGranted {
+            lot_id,
+            amount_usd: amount,
+            expires_at,
+            priority,
+            reason,
+        })
     })
     .await
 }
@@ -310,7 +373,10 @@ async fn void_lot(
         event_id: Uuid::new_v4(),
         occurred_at: s.clock.now(),
         account_id: account_id.clone(),
-        body: EventBody::LotVoided(LotVoided { lot_id, reason: req.reason.unwrap_or_default() }),
+        body: EventBody::LotVoided(LotVoided {
+            lot_id,
+            reason: req.reason.unwrap_or_default(),
+        }),
     };
     let report = ingest_one(&s, event).await?;
     let lot = report
@@ -355,17 +421,23 @@ async fn ledger(
 ) -> Result<Json<query::EntryPage>, ApiError> {
     check_account_id(&account_id)?;
     query::account_state(s.store.pool(), &account_id).await?;
-    let after = match p.after.as_deref() {
-        None => None,
-        Some(c) => Some(
-            query::parse_cursor(c).ok_or_else(|| ApiError::bad_request("invalid_query", "after: not a ledger cursor"))?,
-        ),
-    };
+    let after =
+        match p.after.as_deref() {
+            None => None,
+            Some(c) => Some(query::parse_cursor(c).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "after: not a ledger cursor")
+            })?),
+        };
     let limit = p.limit.unwrap_or(100);
     if !(1..=query::MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {}", query::MAX_PAGE)));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be 1 to {}", query::MAX_PAGE),
+        ));
     }
-    Ok(Json(query::ledger_entries(s.store.pool(), &account_id, after, limit).await?))
+    Ok(Json(
+        query::ledger_entries(s.store.pool(), &account_id, after, limit).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -390,7 +462,13 @@ async fn usage(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_account_id(&p.account_id)?;
     let mut group_by = Vec::new();
-    for part in p.group_by.as_deref().unwrap_or("").split(',').filter(|x| !x.trim().is_empty()) {
+    for part in p
+        .group_by
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|x| !x.trim().is_empty())
+    {
         let dim = UsageDim::parse(part).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_query",
@@ -412,7 +490,10 @@ async fn usage(
     };
     if let Some(kind) = p.credential_kind.as_deref() {
         if tally_ledger::CredentialKind::parse(kind).is_none() {
-            return Err(ApiError::bad_request("invalid_query", "credential_kind must be attached, byok or managed"));
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "credential_kind must be attached, byok or managed",
+            ));
         }
     }
     let filters: Vec<(UsageDim, String)> = [
@@ -426,7 +507,14 @@ async fn usage(
     .into_iter()
     .filter_map(|(d, v)| v.map(|v| (d, v)))
     .collect();
-    let q = UsageQuery { account_id: p.account_id, from: p.from, to: p.to, group_by, granularity, filters };
+    let q = UsageQuery {
+        account_id: p.account_id,
+        from: p.from,
+        to: p.to,
+        group_by,
+        granularity,
+        filters,
+    };
     q.validate()?;
     query::account_state(s.store.pool(), &q.account_id).await?;
     let rows = query::usage(s.store.pool(), &q).await?;
@@ -443,7 +531,9 @@ async fn enforcement(
     ApiPath(account_id): ApiPath<String>,
 ) -> Result<Json<tally_ledger::Decision>, ApiError> {
     check_account_id(&account_id)?;
-    Ok(Json(query::decision(s.store.pool(), &account_id, s.clock.now()).await?))
+    Ok(Json(
+        query::decision(s.store.pool(), &account_id, s.clock.now()).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -464,9 +554,15 @@ async fn post_events(
     ApiJson(batch): ApiJson<EventBatch>,
 ) -> Result<Json<EventBatchResult>, ApiError> {
     if batch.events.is_empty() {
-        return Err(ApiError::bad_request("invalid_request", "events must not be empty"));
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "events must not be empty",
+        ));
     }
-    let report = s.store.ingest(&batch.events, BatchMode::AllOrNothing, s.clock.now()).await?;
+    let report = s
+        .store
+        .ingest(&batch.events, BatchMode::AllOrNothing, s.clock.now())
+        .await?;
     Ok(Json(EventBatchResult {
         applied: report.applied.len(),
         duplicates: report.duplicates,
@@ -497,6 +593,8 @@ async fn publish_prices(
     State(s): State<AppState>,
     ApiJson(v): ApiJson<PriceVersion>,
 ) -> Result<(StatusCode, Json<PriceVersion>), ApiError> {
-    s.store.publish_price_version(v.clone(), s.clock.now()).await?;
+    s.store
+        .publish_price_version(v.clone(), s.clock.now())
+        .await?;
     Ok((StatusCode::CREATED, Json(v)))
 }

@@ -31,17 +31,34 @@ impl Harness {
     pub async fn new(pool: PgPool) -> Harness {
         let clock = Arc::new(ManualClock::new(t0()));
         let store = Arc::new(Store::open(pool.clone(), t0()).await.unwrap());
-        let app = api::router(AppState { store: Arc::clone(&store), clock: clock.clone() });
-        Harness { app, store, clock, pool }
+        let app = api::router(AppState {
+            store: Arc::clone(&store),
+            clock: clock.clone(),
+        });
+        Harness {
+            app,
+            store,
+            clock,
+            pool,
+        }
     }
 
-    pub async fn request(&self, method: &str, path: &str, body: Option<&Value>, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(path);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let req = match body {
-            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())).unwrap(),
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string()))
+                .unwrap(),
             None => req.body(Body::empty()).unwrap(),
         };
         self.raw(req).await
@@ -51,7 +68,12 @@ impl Harness {
         let resp = self.app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())) };
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
         (status, value)
     }
 
@@ -69,7 +91,12 @@ impl Harness {
     }
 
     pub async fn buy(&self, id: &str, amount: &str) -> Value {
-        let (s, b) = self.post(&format!("/v1/accounts/{id}/purchases"), &json!({"amount_usd": amount})).await;
+        let (s, b) = self
+            .post(
+                &format!("/v1/accounts/{id}/purchases"),
+                &json!({"amount_usd": amount}),
+            )
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{b}");
         b
     }
@@ -85,12 +112,24 @@ impl Harness {
     }
 
     pub async fn event_count(&self) -> i64 {
-        sqlx::query_scalar("select count(*) from event").fetch_one(&self.pool).await.unwrap()
+        sqlx::query_scalar("select count(*) from event")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 }
 
 /// A usage event as the gateway would send it.
-pub fn usage(account: &str, n: u32, at: DateTime<Utc>, key: &str, kind: &str, model: &str, input: i64, output: i64) -> Value {
+pub fn usage(
+    account: &str,
+    n: u32,
+    at: DateTime<Utc>,
+    key: &str,
+    kind: &str,
+    model: &str,
+    input: i64,
+    output: i64,
+) -> Value {
     let (provider, model) = model.split_once(':').unwrap();
     json!({
         "event_id": uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("{account}/{n}").as_bytes()),
@@ -115,7 +154,10 @@ pub fn usage(account: &str, n: u32, at: DateTime<Utc>, key: &str, kind: &str, mo
 }
 
 pub fn dec(v: &Value) -> rust_decimal::Decimal {
-    v.as_str().unwrap_or_else(|| panic!("not a decimal string: {v}")).parse().unwrap()
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a decimal string: {v}"))
+        .parse()
+        .unwrap()
 }
 
 /// Every projection table, every row, in a stable order, as text: what `rebuild` must reproduce.
@@ -125,12 +167,17 @@ pub async fn dump_projections(pool: &PgPool) -> Vec<String> {
         ("account", "account_id"),
         ("credit_lot", "lot_id"),
         ("ledger_entry", "event_seq, line_no"),
-        ("usage_hourly", "account_id, hour, endpoint_id, api_key_id, credential_kind, credential_id, provider, model"),
+        (
+            "usage_hourly",
+            "account_id, hour, endpoint_id, api_key_id, credential_kind, credential_id, provider, model",
+        ),
     ] {
-        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select t::text from {table} t order by {order}")))
-            .fetch_all(pool)
-            .await
-            .unwrap();
+        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select t::text from {table} t order by {order}"
+        )))
+        .fetch_all(pool)
+        .await
+        .unwrap();
         out.extend(rows.into_iter().map(|r| format!("{table}: {r}")));
     }
     out
