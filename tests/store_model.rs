@@ -393,3 +393,119 @@ async fn concurrent_batches_on_one_account_lose_nothing(pool: PgPool) {
         .unwrap();
     assert_eq!(requests, 160);
 }
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn a_lot_id_is_never_reused_across_accounts_or_after_closing(pool: PgPool) {
+    let now = start() + Duration::days(400);
+    let store = Store::open(pool.clone(), now).await.unwrap();
+    let ev = |account: &str, at: DateTime<Utc>, body: EventBody| Event {
+        event_id: Uuid::new_v4(),
+        occurred_at: at,
+        account_id: account.into(),
+        body,
+    };
+    let open = |a: &str| {
+        ev(
+            a,
+            start(),
+            EventBody::AccountOpened(AccountOpened {
+                name: a.into(),
+                low_balance_threshold_usd: Money::ZERO,
+            }),
+        )
+    };
+    let lot = Uuid::new_v4();
+    let buy = |a: &str, at| {
+        ev(
+            a,
+            at,
+            EventBody::CreditsPurchased(CreditsPurchased {
+                lot_id: lot,
+                amount_usd: Money::from_cents(500),
+                payment_reference: None,
+            }),
+        )
+    };
+    store
+        .ingest(
+            &[open("a"), open("b"), buy("a", start())],
+            BatchMode::AllOrNothing,
+            now,
+        )
+        .await
+        .unwrap();
+    // Another account, and (after voiding) the same account: both refused, the lot untouched.
+    let err = store
+        .ingest(&[buy("b", start())], BatchMode::AllOrNothing, now)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tally_ingest::StoreError::Rejected {
+                error: tally_ledger::DomainError::DuplicateLot(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    store
+        .ingest(
+            &[ev(
+                "a",
+                start(),
+                EventBody::LotVoided(LotVoided {
+                    lot_id: lot,
+                    reason: String::new(),
+                }),
+            )],
+            BatchMode::AllOrNothing,
+            now,
+        )
+        .await
+        .unwrap();
+    let err = store
+        .ingest(
+            &[buy("a", start() + Duration::days(1))],
+            BatchMode::AllOrNothing,
+            now,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tally_ingest::StoreError::Rejected {
+                error: tally_ledger::DomainError::DuplicateLot(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Within one batch too.
+    let other = Uuid::new_v4();
+    let grant = |a: &str| {
+        ev(
+            a,
+            start(),
+            EventBody::CreditsGranted(CreditsGranted {
+                lot_id: other,
+                amount_usd: Money::from_cents(100),
+                expires_at: start() + Duration::days(1),
+                priority: 0,
+                reason: String::new(),
+            }),
+        )
+    };
+    let report = store
+        .ingest(&[grant("a"), grant("b")], BatchMode::BestEffort, now)
+        .await
+        .unwrap();
+    assert_eq!((report.applied.len(), report.rejected.len()), (1, 1));
+    let lots = query::lots(&pool, "a").await.unwrap();
+    assert_eq!(
+        lots.iter().find(|l| l.lot_id == lot).map(|l| l.status),
+        Some("voided")
+    );
+    assert!(query::lots(&pool, "b").await.unwrap().is_empty());
+}

@@ -1,7 +1,7 @@
 //! The write path: one PostgreSQL transaction per batch of events, applying the pure domain
 //! and every projection together.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Duration, Utc};
@@ -309,6 +309,19 @@ impl Store {
             .collect();
         let mut states: HashMap<String, Option<AccountState>> =
             state::load_states(&mut tx, &accounts, &referenced_lots).await?;
+        // Lot ids are unique across accounts and for ever: a new lot may not reuse the id of
+        // any lot, open or closed, of any account.
+        let new_lots: Vec<Uuid> = candidates
+            .iter()
+            .filter_map(|(_, e, _)| opened_lot(e))
+            .collect();
+        let mut taken_lots: HashSet<Uuid> =
+            sqlx::query_scalar("select lot_id from credit_lot where lot_id = any($1)")
+                .bind(&new_lots)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
         let prices = self.current_prices(&mut tx).await?;
 
         let mut accepted_in_batch: HashMap<Uuid, [u8; 32]> = HashMap::new();
@@ -328,11 +341,22 @@ impl Store {
                 }
                 continue;
             }
+            if let Some(lot_id) = opened_lot(event).filter(|l| taken_lots.contains(l)) {
+                reject(
+                    &mut report,
+                    mode,
+                    index,
+                    event.event_id,
+                    DomainError::DuplicateLot(lot_id),
+                )?;
+                continue;
+            }
             let slot = states.entry(event.account_id.clone()).or_insert(None);
             let mut next = slot.clone();
             match apply(&mut next, event, &prices) {
                 Ok(applied) => {
                     *slot = next;
+                    taken_lots.extend(opened_lot(event));
                     accepted_in_batch.insert(event.event_id, hash);
                     accepted.push((index, event, hash, applied));
                 }
@@ -398,6 +422,14 @@ impl Store {
                 replayed: false,
             },
         ))
+    }
+}
+
+fn opened_lot(event: &Event) -> Option<Uuid> {
+    match &event.body {
+        EventBody::CreditsPurchased(p) => Some(p.lot_id),
+        EventBody::CreditsGranted(g) => Some(g.lot_id),
+        _ => None,
     }
 }
 

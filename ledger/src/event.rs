@@ -284,9 +284,7 @@ impl Event {
             }
             EventBody::CreditsPurchased(p) => crate::lot::validate_purchase_amount(p.amount_usd),
             EventBody::CreditsGranted(g) => {
-                if !g.amount_usd.is_positive() {
-                    return Err(DomainError::AmountNotPositive);
-                }
+                crate::lot::validate_credit_amount(g.amount_usd)?;
                 if g.expires_at <= self.occurred_at {
                     return Err(DomainError::ExpiryNotAfterGrant);
                 }
