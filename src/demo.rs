@@ -250,7 +250,7 @@ fn usage(
         "upstream_latency_ms": 420 + n % 50,
         "total_latency_ms": 425 + n % 50,
         "status": 200,
-        "streaming": n % 3 == 0,
+        "streaming": n.is_multiple_of(3),
     })
 }
 

@@ -257,7 +257,7 @@ async fn duplicates_are_absorbed_and_conflicts_recorded_not_applied(pool: PgPool
     let (_, first) = h.post_events(&[e.clone(), e.clone()]).await;
     assert_eq!(first["applied"], 1);
     assert_eq!(first["duplicates"].as_array().unwrap().len(), 1);
-    let (_, again) = h.post_events(&[e.clone()]).await;
+    let (_, again) = h.post_events(std::slice::from_ref(&e)).await;
     assert_eq!(
         (
             again["applied"].as_u64(),

@@ -488,13 +488,13 @@ async fn usage(
             ApiError::bad_request("invalid_query", "granularity must be hour, day or month")
         })?),
     };
-    if let Some(kind) = p.credential_kind.as_deref() {
-        if tally_ledger::CredentialKind::parse(kind).is_none() {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                "credential_kind must be attached, byok or managed",
-            ));
-        }
+    if let Some(kind) = p.credential_kind.as_deref()
+        && tally_ledger::CredentialKind::parse(kind).is_none()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "credential_kind must be attached, byok or managed",
+        ));
     }
     let filters: Vec<(UsageDim, String)> = [
         (UsageDim::ApiKey, p.api_key_id),

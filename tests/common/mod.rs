@@ -1,6 +1,12 @@
 //! Shared test harness: an in-process app over a fresh database (one per test, made by
 //! `sqlx::test`), a manual clock, and JSON request helpers.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_arguments
+)]
 
 use std::sync::Arc;
 
