@@ -105,6 +105,12 @@ pub enum ConfigError {
 
 /// The bad field is named; nothing has touched the network or the disk yet.
 pub fn validate_database_url(url: &str) -> Result<(), ConfigError> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(ConfigError::Invalid {
+            field: "database_url (DATABASE_URL)",
+            reason: "must be a postgres:// or postgresql:// URL".to_string(),
+        });
+    }
     sqlx::postgres::PgConnectOptions::from_str(url)
         .map(|_| ())
         .map_err(|e| ConfigError::Invalid {
