@@ -1,1 +1,20 @@
-//! placeholder
+//! tally's gateway core: the OpenAI/Anthropic-compatible proxy whose every attempt becomes a
+//! usage event.
+//!
+//! - [`catalog`]: providers, their API shapes and models.
+//! - [`config`]: restrictions, timeouts, managed keys, base URL overrides.
+//! - [`proxy`]: authentication, model resolution, credential order, enforcement, failover and
+//!   metering, for `/v1/chat/completions`, `/v1/messages` and `/v1/models`.
+//! - [`decisions`]: the in-memory enforcement cache the request path reads.
+//! - [`sink`]: where usage events go ([`sink::EventSink`]); in process by default.
+//! - [`tokens`]: tiktoken estimates when a provider reports no usage.
+//! - [`error`]: gateway errors in each API's own shape.
+
+pub mod catalog;
+pub mod config;
+pub mod decisions;
+pub mod error;
+pub mod mock;
+pub mod proxy;
+pub mod sink;
+pub mod tokens;

@@ -1,0 +1,135 @@
+//! Where the gateway hands its usage events. The client's response never waits on it.
+//!
+//! [`InProcessSink`] is the embedded default: a bounded channel drained by one task that
+//! applies events to the ledger in batches and refreshes decisions from the result. The Kafka
+//! pipeline implements [`EventSink`] a second time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tally_ingest::{BatchMode, Store};
+use tally_ledger::Event;
+use tokio::sync::mpsc;
+
+use crate::decisions::DecisionCache;
+
+/// Events buffered between the request path and the ledger writer.
+pub const SINK_CHANNEL_CAPACITY: usize = 65_536;
+/// Events applied per ledger transaction at most.
+pub const SINK_BATCH_MAX: usize = 2_000;
+/// A partial batch waits at most this long for company.
+pub const SINK_BATCH_WAIT: Duration = Duration::from_millis(20);
+/// Delay before retrying a batch the database refused to take (outage).
+pub const SINK_RETRY_DELAY: Duration = Duration::from_millis(500);
+
+pub trait EventSink: Send + Sync + std::fmt::Debug {
+    /// Takes ownership of the event; never blocks the caller.
+    fn send(&self, event: Event);
+}
+
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    pub accepted: AtomicU64,
+    pub applied: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct InProcessSink {
+    tx: mpsc::Sender<Event>,
+    pub stats: Arc<SinkStats>,
+}
+
+impl EventSink for InProcessSink {
+    fn send(&self, event: Event) {
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.tx.try_send(event) {
+            // Full: park the event on its own task rather than drop it or stall the client.
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(event).await;
+            });
+        }
+    }
+}
+
+impl InProcessSink {
+    /// Starts the writer task. It ends once every sender is dropped and the channel drained.
+    pub fn start(
+        store: Arc<Store>,
+        decisions: Arc<DecisionCache>,
+        clock: Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>,
+    ) -> (InProcessSink, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(SINK_CHANNEL_CAPACITY);
+        let stats = Arc::new(SinkStats::default());
+        let handle = tokio::spawn(writer(rx, store, decisions, clock, Arc::clone(&stats)));
+        (InProcessSink { tx, stats }, handle)
+    }
+}
+
+async fn writer(
+    mut rx: mpsc::Receiver<Event>,
+    store: Arc<Store>,
+    decisions: Arc<DecisionCache>,
+    clock: Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>,
+    stats: Arc<SinkStats>,
+) {
+    let mut batch: Vec<Event> = Vec::with_capacity(SINK_BATCH_MAX);
+    loop {
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(e) => batch.push(e),
+                None => return,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + SINK_BATCH_WAIT;
+        while batch.len() < SINK_BATCH_MAX {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(e)) => batch.push(e),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let now = clock();
+        match store.ingest(&batch, BatchMode::BestEffort, now).await {
+            Ok(report) => {
+                stats
+                    .applied
+                    .fetch_add(report.applied.len() as u64, Ordering::Relaxed);
+                stats
+                    .duplicates
+                    .fetch_add(report.duplicates.len() as u64, Ordering::Relaxed);
+                stats
+                    .rejected
+                    .fetch_add(report.rejected.len() as u64, Ordering::Relaxed);
+                for r in &report.rejected {
+                    tracing::error!(event_id = %r.event_id, error = %r.error, "usage event refused by the ledger");
+                }
+                decisions.update_from_states(report.states.values(), now);
+                batch.clear();
+            }
+            Err(e) => {
+                // The database is down or refused the transaction: keep the batch and retry;
+                // ingest is idempotent by event id, so a retry never double counts.
+                stats.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, events = batch.len(), "ledger write failed; retrying");
+                tokio::time::sleep(SINK_RETRY_DELAY).await;
+            }
+        }
+    }
+}
+
+/// A sink that keeps events in memory, for tests.
+#[derive(Debug, Default)]
+pub struct MemorySink(pub std::sync::Mutex<Vec<Event>>);
+
+impl EventSink for MemorySink {
+    fn send(&self, event: Event) {
+        match self.0.lock() {
+            Ok(mut v) => v.push(event),
+            Err(p) => p.into_inner().push(event),
+        }
+    }
+}

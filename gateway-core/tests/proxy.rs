@@ -1,0 +1,523 @@
+//! The proxy over real sockets: client → gateway → mock provider, with the ledger behind it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tally_gateway_core::catalog::ApiShape;
+use tally_gateway_core::config::GatewayConfig;
+use tally_gateway_core::decisions::DecisionCache;
+use tally_gateway_core::error::GatewayError;
+use tally_gateway_core::mock::{self, MockBehavior, MockState};
+use tally_gateway_core::proxy::{
+    self, Authenticator, Caller, CredentialSource, CustomProvider, Gateway, UpstreamKey,
+};
+use tally_gateway_core::sink::InProcessSink;
+use tally_ingest::{BatchMode, Store};
+use tally_ledger::event::{AccountOpened, CreditsPurchased};
+use tally_ledger::{CredentialKind, Event, EventBody, Money};
+use uuid::Uuid;
+
+#[derive(Debug, Default)]
+struct StaticAuth(HashMap<String, Caller>);
+
+impl Authenticator for StaticAuth {
+    fn verify(&self, token: &str, endpoint_id: &str) -> Result<Caller, GatewayError> {
+        let c = self.0.get(token).ok_or(GatewayError::Unauthenticated)?;
+        if c.endpoint_id != endpoint_id {
+            return Err(GatewayError::WrongEndpoint);
+        }
+        Ok(c.clone())
+    }
+}
+
+#[derive(Debug, Default)]
+struct StaticCreds(Mutex<HashMap<(String, String), Vec<Arc<UpstreamKey>>>>);
+
+impl StaticCreds {
+    fn set(&self, account: &str, provider: &str, keys: &[(&str, CredentialKind)]) {
+        let keys = keys
+            .iter()
+            .map(|(k, kind)| {
+                Arc::new(UpstreamKey {
+                    credential_id: format!("cred-{k}"),
+                    kind: *kind,
+                    secret: SecretString::from(k.to_string()),
+                })
+            })
+            .collect();
+        self.0
+            .lock()
+            .unwrap()
+            .insert((account.into(), provider.into()), keys);
+    }
+}
+
+impl CredentialSource for StaticCreds {
+    fn credentials_for(
+        &self,
+        account_id: &str,
+        _api_key_id: &str,
+        provider: &str,
+    ) -> Vec<Arc<UpstreamKey>> {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&(account_id.to_string(), provider.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+    fn custom_provider(&self, _account_id: &str, _provider: &str) -> Option<CustomProvider> {
+        None
+    }
+}
+
+struct World {
+    base: String,
+    http: reqwest::Client,
+    mock: Arc<MockState>,
+    creds: Arc<StaticCreds>,
+    decisions: Arc<DecisionCache>,
+    store: Arc<Store>,
+    pool: PgPool,
+}
+
+const TOKEN: &str = "tly_test_token";
+const MANAGED_OPENAI: &str = "sk-managed-openai-1";
+
+async fn world(pool: PgPool, tweak: impl FnOnce(&mut GatewayConfig)) -> World {
+    let (mock_addr, mock) = mock::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let now = Utc::now();
+    let store = Arc::new(Store::open(pool.clone(), now).await.unwrap());
+    let open = |id: &str| Event {
+        event_id: Uuid::new_v4(),
+        occurred_at: now - chrono::Duration::minutes(1),
+        account_id: id.into(),
+        body: EventBody::AccountOpened(AccountOpened {
+            name: id.into(),
+            low_balance_threshold_usd: Money::ZERO,
+        }),
+    };
+    store
+        .ingest(&[open("acme")], BatchMode::AllOrNothing, now)
+        .await
+        .unwrap();
+    let decisions = DecisionCache::new();
+    decisions.refresh(&pool, now).await.unwrap();
+    let clock: proxy::Clock = Arc::new(Utc::now);
+    let (sink, _writer) = InProcessSink::start(
+        Arc::clone(&store),
+        Arc::clone(&decisions),
+        Arc::clone(&clock),
+    );
+    let mut config = GatewayConfig::default();
+    for p in ["openai", "anthropic", "groq"] {
+        config
+            .base_url_overrides
+            .insert(p.into(), format!("http://{mock_addr}/v1"));
+    }
+    config
+        .managed_keys
+        .insert("openai".into(), vec![SecretString::from(MANAGED_OPENAI)]);
+    config.managed_keys.insert(
+        "anthropic".into(),
+        vec![SecretString::from("sk-managed-anthropic-1")],
+    );
+    config.per_request_timeout = Duration::from_secs(5);
+    config.total_timeout = Duration::from_secs(10);
+    tweak(&mut config);
+    let mut auth = StaticAuth::default();
+    auth.0.insert(
+        TOKEN.into(),
+        Caller {
+            account_id: "acme".into(),
+            endpoint_id: "default".into(),
+            api_key_id: "key_a".into(),
+        },
+    );
+    let creds = Arc::new(StaticCreds::default());
+    let gw = Gateway::new(
+        config,
+        Arc::new(auth),
+        creds.clone(),
+        Arc::clone(&decisions),
+        Arc::new(sink),
+        clock,
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, proxy::router(Arc::new(gw))).await });
+    World {
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+        mock,
+        creds,
+        decisions,
+        store,
+        pool,
+    }
+}
+
+impl World {
+    async fn buy(&self, cents: i64) {
+        let now = Utc::now();
+        let e = Event {
+            event_id: Uuid::new_v4(),
+            occurred_at: now - chrono::Duration::seconds(30),
+            account_id: "acme".into(),
+            body: EventBody::CreditsPurchased(CreditsPurchased {
+                lot_id: Uuid::new_v4(),
+                amount_usd: Money::from_cents(cents),
+                payment_reference: None,
+            }),
+        };
+        let r = self
+            .store
+            .ingest(&[e], BatchMode::AllOrNothing, now)
+            .await
+            .unwrap();
+        self.decisions.update_from_states(r.states.values(), now);
+    }
+
+    async fn chat(&self, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Usage events the ledger applied, oldest first (waits for the sink).
+    async fn usage_events(&self, at_least: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let rows: Vec<Value> =
+                sqlx::query_scalar("select payload from event where kind = 'usage' order by seq")
+                    .fetch_all(&self.pool)
+                    .await
+                    .unwrap();
+            if rows.len() >= at_least {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("fewer than {at_least} usage events arrived");
+    }
+}
+
+fn chat_body(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "say hello to the whole wide world"}]})
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn managed_request_is_metered_and_charged(pool: PgPool) {
+    let w = world(pool, |_| {}).await;
+    w.buy(1000).await;
+    let (s, b) = w.chat(chat_body("gpt-4o")).await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["choices"][0]["message"]["content"].is_string());
+    let events = w.usage_events(1).await;
+    let e = &events[0];
+    assert_eq!(
+        (e["credential_kind"].as_str(), e["credential_id"].as_str()),
+        (Some("managed"), Some("managed-openai-1"))
+    );
+    assert_eq!(
+        (
+            e["provider"].as_str(),
+            e["model"].as_str(),
+            e["status"].as_u64()
+        ),
+        (Some("openai"), Some("gpt-4o"), Some(200))
+    );
+    assert_eq!(e["token_source"], "provider");
+    assert_eq!(
+        e["tokens"]["input"].as_i64().unwrap() + e["tokens"]["cached_input"].as_i64().unwrap(),
+        b["usage"]["prompt_tokens"].as_i64().unwrap()
+    );
+    assert_eq!(w.mock.calls(MANAGED_OPENAI), 1);
+    let charged: bool = sqlx::query_scalar(
+        "select charged_upstream_usd + charged_fee_usd > 0 from account where account_id = 'acme'",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert!(charged);
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn without_credits_managed_is_denied_but_byok_works(pool: PgPool) {
+    let w = world(pool, |_| {}).await;
+    let (s, b) = w.chat(chat_body("openai:gpt-4o")).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (403, Some("credits_exhausted")),
+        "{b}"
+    );
+    assert_eq!(
+        w.mock.total_calls(),
+        0,
+        "a denied request never reaches the provider"
+    );
+    let r = w
+        .http
+        .post(format!("{}/v1/messages", w.base))
+        .header("x-api-key", TOKEN)
+        .json(&json!({"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(
+        (b["type"].as_str(), b["error"]["code"].as_str()),
+        (Some("error"), Some("credits_exhausted")),
+        "Anthropic's shape: {b}"
+    );
+
+    w.creds
+        .set("acme", "openai", &[("sk-byok-1", CredentialKind::Byok)]);
+    let (s, b) = w.chat(chat_body("gpt-4o")).await;
+    assert_eq!(s, 200, "{b}");
+    let events = w.usage_events(1).await;
+    assert_eq!(events[0]["credential_kind"], "byok");
+    assert_eq!(w.mock.calls("sk-byok-1"), 1);
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn failover_tries_the_next_key_then_the_next_model(pool: PgPool) {
+    let w = world(pool, |_| {}).await;
+    w.creds.set(
+        "acme",
+        "openai",
+        &[
+            ("sk-rate-limited", CredentialKind::Byok),
+            ("sk-broken", CredentialKind::Byok),
+        ],
+    );
+    w.creds
+        .set("acme", "groq", &[("gsk-good", CredentialKind::Byok)]);
+    w.mock
+        .set_behavior("sk-rate-limited", MockBehavior::status(429));
+    w.mock.set_behavior("sk-broken", MockBehavior::status(500));
+    let (s, b) = w
+        .chat(json!({"models": ["openai:gpt-4o", "groq:llama-3.3-70b-versatile"], "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let events = w.usage_events(3).await;
+    let seen: Vec<(u64, &str, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["attempt"].as_u64().unwrap(),
+                e["credential_id"].as_str().unwrap(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "cred-sk-rate-limited", 429),
+            (2, "cred-sk-broken", 500),
+            (3, "cred-gsk-good", 200)
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["request_id"] == events[0]["request_id"])
+    );
+    assert_eq!(
+        (
+            w.mock.calls("sk-rate-limited"),
+            w.mock.calls("sk-broken"),
+            w.mock.calls("gsk-good")
+        ),
+        (1, 1, 1)
+    );
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn every_key_failing_returns_an_error_in_the_clients_shape(pool: PgPool) {
+    let w = world(pool, |c| c.per_request_timeout = Duration::from_millis(300)).await;
+    w.creds.set(
+        "acme",
+        "openai",
+        &[
+            ("sk-slow", CredentialKind::Byok),
+            ("sk-revoked", CredentialKind::Byok),
+        ],
+    );
+    w.mock
+        .set_behavior("sk-slow", MockBehavior::latency(Duration::from_secs(3)));
+    w.mock.set_behavior("sk-revoked", MockBehavior::status(401));
+    let (s, b) = w.chat(chat_body("gpt-4o")).await;
+    assert_eq!(s, 502, "{b}");
+    assert_eq!(b["error"]["code"], "upstream_error");
+    let events = w.usage_events(2).await;
+    assert_eq!(events[0]["status"], 504, "the slow key timed out");
+    assert_eq!(events[1]["status"], 401);
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn restrictions_give_the_seeds_errors(pool: PgPool) {
+    let w = world(pool, |c| {
+        c.only_allow_configured_providers = true;
+        c.only_allow_configured_models = true;
+        c.configured_providers
+            .insert("openai".into(), ["gpt-4o-mini".to_string()].into());
+    })
+    .await;
+    w.buy(1000).await;
+    let (s, b) = w.chat(chat_body("anthropic:claude-haiku-4-5")).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("provider_not_allowed")),
+        "{b}"
+    );
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("provider not allowed")
+    );
+    let (s, b) = w.chat(chat_body("gpt-4o")).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("model_unknown")),
+        "{b}"
+    );
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model unknown")
+    );
+    let (s, b) = w.chat(chat_body("not-a-catalog-model")).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("model_unknown")),
+        "{b}"
+    );
+    let (s, _) = w.chat(chat_body("gpt-4o-mini")).await;
+    assert_eq!(s, 200);
+    let r = w
+        .http
+        .post(format!("{}/v1/chat/completions", w.base))
+        .bearer_auth("tly_forged")
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+}
+
+async fn sse(w: &World, body: Value) -> (String, reqwest::StatusCode) {
+    let r = w
+        .http
+        .post(format!("{}/v1/chat/completions", w.base))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status();
+    (r.text().await.unwrap_or_default(), s)
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn streams_are_metered_from_provider_usage_or_estimated(pool: PgPool) {
+    let w = world(pool, |_| {}).await;
+    w.buy(1000).await;
+    let mut body = chat_body("gpt-4o");
+    body["stream"] = json!(true);
+    let (text, s) = sse(&w, body.clone()).await;
+    assert_eq!(s, 200);
+    assert!(text.contains("[DONE]"));
+    assert!(
+        !text.contains("\"usage\":{"),
+        "the usage chunk is only passed on when asked for:\n{text}"
+    );
+    // The gateway asked the provider for usage anyway.
+    assert_eq!(
+        w.mock.last_request().unwrap().body["stream_options"]["include_usage"],
+        true
+    );
+    body["stream_options"] = json!({"include_usage": true});
+    let (text, _) = sse(&w, body.clone()).await;
+    assert!(text.contains("\"usage\""), "{text}");
+    w.mock.set_behavior(
+        MANAGED_OPENAI,
+        MockBehavior {
+            omit_usage: true,
+            ..MockBehavior::default()
+        },
+    );
+    let (_, _) = sse(&w, body.clone()).await;
+    w.mock.set_behavior(
+        MANAGED_OPENAI,
+        MockBehavior {
+            abort_after_chunks: Some(3),
+            ..MockBehavior::default()
+        },
+    );
+    let _ = sse(&w, body).await;
+    let events = w.usage_events(4).await;
+    let sources: Vec<&str> = events
+        .iter()
+        .map(|e| e["token_source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, ["provider", "provider", "estimate", "estimate"]);
+    assert!(events.iter().all(|e| e["streaming"] == true));
+    assert_eq!(events[0]["tokens"]["output"], 16);
+    assert!(
+        events[2]["tokens"]["output"].as_i64().unwrap() > 0,
+        "estimated from the streamed text"
+    );
+    assert_eq!(
+        events[3]["status"], 502,
+        "an aborted stream is metered: {}",
+        events[3]
+    );
+    assert!(events[3]["tokens"]["output"].as_i64().unwrap() > 0);
+    assert!(events[3]["tokens"]["output"].as_i64().unwrap() < 16);
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn anthropic_messages_stream_is_metered(pool: PgPool) {
+    let w = world(pool, |_| {}).await;
+    w.buy(1000).await;
+    let r = w
+        .http
+        .post(format!("{}/v1/messages", w.base))
+        .header("x-api-key", TOKEN)
+        .json(&json!({"model": "anthropic:claude-haiku-4-5", "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "hello there"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("event: message_stop"), "{text}");
+    let events = w.usage_events(1).await;
+    assert_eq!(
+        (
+            events[0]["provider"].as_str(),
+            events[0]["token_source"].as_str()
+        ),
+        (Some("anthropic"), Some("provider"))
+    );
+    assert_eq!(events[0]["tokens"]["output"], 16);
+    assert!(events[0]["tokens"]["input"].as_i64().unwrap() > 0);
+    let _ = ApiShape::Anthropic;
+}
