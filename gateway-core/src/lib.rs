@@ -9,6 +9,7 @@
 //! - [`sink`]: where usage events go ([`sink::EventSink`]); in process by default.
 //! - [`tokens`]: tiktoken estimates when a provider reports no usage.
 //! - [`error`]: gateway errors in each API's own shape.
+//! - [`mock`]: a mock OpenAI/Anthropic upstream for tests, benchmarks and the demo.
 
 pub mod catalog;
 pub mod config;

@@ -629,24 +629,15 @@ async fn try_once(
     AttemptOutcome::Done(stream_response(resp, ctx, cand, meter))
 }
 
+/// A short reason for a failed upstream call. reqwest's text may name the URL, never headers,
+/// but the reason is all the client needs.
 fn without_url(e: &reqwest::Error) -> String {
-    let e = e.without_url_ref();
     if e.is_timeout() {
         "timed out".into()
     } else if e.is_connect() {
         "connection failed".into()
     } else {
-        e.to_string()
-    }
-}
-
-trait WithoutUrl {
-    fn without_url_ref(&self) -> &Self;
-}
-
-impl WithoutUrl for reqwest::Error {
-    fn without_url_ref(&self) -> &Self {
-        self
+        "request failed".into()
     }
 }
 

@@ -36,8 +36,10 @@ impl Authenticator for StaticAuth {
     }
 }
 
+type KeysByAccountProvider = HashMap<(String, String), Vec<Arc<UpstreamKey>>>;
+
 #[derive(Debug, Default)]
-struct StaticCreds(Mutex<HashMap<(String, String), Vec<Arc<UpstreamKey>>>>);
+struct StaticCreds(Mutex<KeysByAccountProvider>);
 
 impl StaticCreds {
     fn set(&self, account: &str, provider: &str, keys: &[(&str, CredentialKind)]) {
