@@ -5,6 +5,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
+use tally_gateway_core::config::GatewayConfig;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tally";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
@@ -49,8 +51,10 @@ pub enum Command {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Role {
-    /// The ledger's HTTP API and the expiry sweep.
+    /// The ledger's HTTP API (with the admin API for keys) and the expiry sweep.
     Ledger,
+    /// The OpenAI/Anthropic-compatible proxy; usage goes to the ledger's database.
+    Gateway,
     /// Every role available in this build, in one process.
     All,
 }
@@ -61,6 +65,8 @@ pub struct ServeArgs {
     pub role: Role,
     #[command(flatten)]
     pub server: ServerArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -80,6 +86,146 @@ pub struct DemoArgs {
     pub exit: bool,
     #[command(flatten)]
     pub server: ServerArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+pub const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
+
+/// A secret given on the command line or in the environment: redacted in `Debug`, so no log
+/// of the parsed configuration can carry it.
+#[derive(Clone)]
+pub struct SecretArg(pub SecretString);
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretArg(SecretString::from(s.to_string())))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Address of the gateway (the OpenAI/Anthropic-compatible proxy).
+    #[arg(long, env = "TALLY_GATEWAY_LISTEN", default_value = DEFAULT_GATEWAY_LISTEN)]
+    pub gateway_listen: String,
+    /// Key-encryption key for provider keys at rest: 32 random bytes, base64. Required by
+    /// `serve`; `demo` uses a throwaway one when unset.
+    #[arg(long, env = "TALLY_KEK", hide_env_values = true)]
+    pub kek: Option<SecretArg>,
+    /// The platform's own OpenAI keys (comma-separated), paid from credits.
+    #[arg(
+        long,
+        env = "TALLY_MANAGED_OPENAI_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub managed_openai_keys: Vec<SecretArg>,
+    /// The platform's own Anthropic keys (comma-separated), paid from credits.
+    #[arg(
+        long,
+        env = "TALLY_MANAGED_ANTHROPIC_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub managed_anthropic_keys: Vec<SecretArg>,
+    /// `provider=url` pairs replacing catalog base URLs (comma-separated).
+    #[arg(long, env = "TALLY_PROVIDER_BASE_URLS", value_delimiter = ',')]
+    pub provider_base_urls: Vec<String>,
+    /// Only these providers may be used (comma-separated); empty allows all.
+    #[arg(long, env = "TALLY_ALLOWED_PROVIDERS", value_delimiter = ',')]
+    pub allowed_providers: Vec<String>,
+    /// Only these `provider:model`s may be used (comma-separated); empty allows all.
+    #[arg(long, env = "TALLY_ALLOWED_MODELS", value_delimiter = ',')]
+    pub allowed_models: Vec<String>,
+    #[arg(long, env = "TALLY_PER_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
+    pub per_request_timeout_secs: u64,
+    #[arg(long, env = "TALLY_TOTAL_TIMEOUT_SECS", default_value_t = 360)]
+    pub total_timeout_secs: u64,
+}
+
+/// Gateway settings after validation.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub listen: SocketAddr,
+    pub config: GatewayConfig,
+    /// Base64 KEK as given; opened by the caller so the key type stays in one place.
+    pub kek: Option<SecretString>,
+}
+
+impl GatewayArgs {
+    pub fn validate(&self) -> Result<GatewaySettings, ConfigError> {
+        let listen =
+            self.gateway_listen
+                .parse::<SocketAddr>()
+                .map_err(|e| ConfigError::Invalid {
+                    field: "gateway_listen (TALLY_GATEWAY_LISTEN)",
+                    reason: format!("'{}': {e}", self.gateway_listen),
+                })?;
+        let mut config = GatewayConfig {
+            per_request_timeout: Duration::from_secs(self.per_request_timeout_secs),
+            total_timeout: Duration::from_secs(self.total_timeout_secs),
+            ..GatewayConfig::default()
+        };
+        for (provider, keys) in [
+            ("openai", &self.managed_openai_keys),
+            ("anthropic", &self.managed_anthropic_keys),
+        ] {
+            if !keys.is_empty() {
+                config.managed_keys.insert(
+                    provider.to_string(),
+                    keys.iter().map(|k| k.0.clone()).collect(),
+                );
+            }
+        }
+        for pair in &self.provider_base_urls {
+            let (provider, url) = pair.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                field: "provider_base_urls (TALLY_PROVIDER_BASE_URLS)",
+                reason: format!("'{pair}' is not provider=url"),
+            })?;
+            config
+                .base_url_overrides
+                .insert(provider.trim().to_string(), url.trim().to_string());
+        }
+        if !self.allowed_providers.is_empty() {
+            config.only_allow_configured_providers = true;
+            for p in &self.allowed_providers {
+                config
+                    .configured_providers
+                    .entry(p.trim().to_string())
+                    .or_default();
+            }
+        }
+        if !self.allowed_models.is_empty() {
+            config.only_allow_configured_models = true;
+            for m in &self.allowed_models {
+                let (p, model) = m.split_once(':').ok_or_else(|| ConfigError::Invalid {
+                    field: "allowed_models (TALLY_ALLOWED_MODELS)",
+                    reason: format!("'{m}' is not provider:model"),
+                })?;
+                config
+                    .configured_providers
+                    .entry(p.trim().to_string())
+                    .or_default()
+                    .insert(model.trim().to_string());
+            }
+        }
+        config.validate().map_err(|e| ConfigError::Invalid {
+            field: "gateway",
+            reason: e.to_string(),
+        })?;
+        Ok(GatewaySettings {
+            listen,
+            config,
+            kek: self.kek.as_ref().map(|k| k.0.clone()),
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -28,12 +28,12 @@ use dashmap::DashMap;
 use rand::RngCore as _;
 use secrecy::SecretString;
 use secrecy::zeroize::Zeroizing;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use subtle::ConstantTimeEq as _;
 use tally_ledger::CredentialKind;
 
+use crate::catalog::ApiShape;
 use crate::secrets::{self, Kek, Sealed};
 
 /// Marks tally tokens, so secret scanners and humans recognise them.
@@ -73,7 +73,7 @@ impl AuthError {
 
     pub fn code(self) -> &'static str {
         match self {
-            AuthError::WrongEndpoint => "key_not_allowed_for_endpoint",
+            AuthError::WrongEndpoint => "wrong_endpoint",
             _ => "invalid_api_key",
         }
     }
@@ -195,32 +195,6 @@ pub struct Credential {
     pub api_key_id: Option<String>,
     pub masked: String,
     pub api_key: SecretString,
-}
-
-/// The wire protocol a custom provider speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ApiShape {
-    #[serde(rename = "openai")]
-    OpenAi,
-    #[serde(rename = "anthropic")]
-    Anthropic,
-}
-
-impl ApiShape {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ApiShape::OpenAi => "openai",
-            ApiShape::Anthropic => "anthropic",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<ApiShape> {
-        match s {
-            "openai" => Some(ApiShape::OpenAi),
-            "anthropic" => Some(ApiShape::Anthropic),
-            _ => None,
-        }
-    }
 }
 
 /// An account's own OpenAI- or Anthropic-compatible upstream; served with its BYOK or attached
@@ -524,6 +498,12 @@ struct CustomProviderRow {
 /// Orders within one lookup list: BYOK by (position, insertion), attached by most recent
 /// attachment, newest insertion first among equal times.
 type SortKey = (i32, Reverse<Option<DateTime<Utc>>>, i64);
+type Ordered = Vec<(SortKey, Arc<Credential>)>;
+
+fn in_order(mut list: Ordered) -> Vec<Arc<Credential>> {
+    list.sort_by_key(|(key, _)| *key);
+    list.into_iter().map(|(_, c)| c).collect()
+}
 
 fn build_snapshot(
     kek: &Kek,
@@ -556,9 +536,9 @@ fn build_snapshot(
         report.keys += 1;
     }
 
-    let mut byok: HashMap<(String, String), Vec<(SortKey, Arc<Credential>)>> = HashMap::new();
-    let mut attached: HashMap<(String, String, String), Vec<(SortKey, Arc<Credential>)>> =
-        HashMap::new();
+    // (account, provider) and (account, gateway key, provider) → credentials in any order.
+    let mut byok: HashMap<(String, String), Ordered> = HashMap::new();
+    let mut attached: HashMap<(String, String, String), Ordered> = HashMap::new();
     for row in credentials {
         let credential_id = row.credential_id.clone();
         match open_credential(kek, row) {
@@ -584,17 +564,15 @@ fn build_snapshot(
             }
         }
     }
-    for ((account, provider), mut list) in byok {
-        list.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((account, provider), list) in byok {
         snapshot
             .accounts
             .entry(account)
             .or_default()
             .byok
-            .insert(provider, list.into_iter().map(|(_, c)| c).collect());
+            .insert(provider, in_order(list));
     }
-    for ((account, api_key_id, provider), mut list) in attached {
-        list.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((account, api_key_id, provider), list) in attached {
         snapshot
             .accounts
             .entry(account)
@@ -602,7 +580,7 @@ fn build_snapshot(
             .attached
             .entry(api_key_id)
             .or_default()
-            .insert(provider, list.into_iter().map(|(_, c)| c).collect());
+            .insert(provider, in_order(list));
     }
 
     for row in custom {

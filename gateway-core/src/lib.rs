@@ -1,6 +1,8 @@
 //! tally's gateway core: the OpenAI/Anthropic-compatible proxy whose every attempt becomes a
 //! usage event.
 //!
+//! - [`keys`] and [`secrets`]: gateway API keys (hash + public id, constant-time checks) and
+//!   provider credentials sealed with an AEAD; [`admin`]: their write-only admin API.
 //! - [`catalog`]: providers, their API shapes and models.
 //! - [`config`]: restrictions, timeouts, managed keys, base URL overrides.
 //! - [`proxy`]: authentication, model resolution, credential order, enforcement, failover and
@@ -11,11 +13,14 @@
 //! - [`error`]: gateway errors in each API's own shape.
 //! - [`mock`]: a mock OpenAI/Anthropic upstream for tests, benchmarks and the demo.
 
+pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod decisions;
 pub mod error;
+pub mod keys;
 pub mod mock;
 pub mod proxy;
+pub mod secrets;
 pub mod sink;
 pub mod tokens;

@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tally_ledger::event::{TokenCounts, TokenSource, Usage};
 use tally_ledger::{CredentialKind, Event, EventBody};
@@ -51,12 +51,7 @@ pub trait Authenticator: Send + Sync + std::fmt::Debug {
 
 /// A provider key ready to use, decrypted in memory. Held by `Arc` so a rotation or removal
 /// never changes the key of a request already in flight.
-#[derive(Debug)]
-pub struct UpstreamKey {
-    pub credential_id: String,
-    pub kind: CredentialKind,
-    pub secret: SecretString,
-}
+pub type UpstreamKey = crate::keys::Credential;
 
 /// A customer's own OpenAI- or Anthropic-compatible server; BYOK only.
 #[derive(Debug, Clone)]
@@ -119,8 +114,12 @@ impl Gateway {
                     .map(|(i, k)| {
                         Arc::new(UpstreamKey {
                             credential_id: format!("managed-{provider}-{}", i + 1),
+                            account_id: String::new(),
+                            provider: provider.clone(),
                             kind: CredentialKind::Managed,
-                            secret: k.clone(),
+                            api_key_id: None,
+                            masked: crate::secrets::mask(k.expose_secret()),
+                            api_key: k.clone(),
                         })
                     })
                     .collect();
@@ -519,7 +518,7 @@ fn upstream_request(
         ApiShape::OpenAi => gw
             .http
             .post(format!("{base}/chat/completions"))
-            .bearer_auth(key.secret.expose_secret()),
+            .bearer_auth(key.api_key.expose_secret()),
         ApiShape::Anthropic => {
             let version = ctx
                 .headers
@@ -530,7 +529,7 @@ fn upstream_request(
             let mut r = gw
                 .http
                 .post(format!("{base}/messages"))
-                .header("x-api-key", key.secret.expose_secret())
+                .header("x-api-key", key.api_key.expose_secret())
                 .header("anthropic-version", version);
             if let Some(beta) = ctx
                 .headers
@@ -906,4 +905,41 @@ fn stream_response(
     r.headers_mut()
         .insert("x-tally-request-id", header_value(&ctx.request_id));
     r
+}
+
+/// The key ring is the production [`Authenticator`]: verification in memory, and the key's use
+/// recorded in memory for the periodic `last_used_at` flush.
+impl Authenticator for crate::keys::KeyRing {
+    fn verify(&self, token: &str, endpoint_id: &str) -> Result<Caller, GatewayError> {
+        match crate::keys::KeyRing::verify(self, token, endpoint_id) {
+            Ok(k) => {
+                self.touch(&k.key_id, Utc::now());
+                Ok(Caller {
+                    account_id: k.account_id.to_string(),
+                    endpoint_id: k.endpoint_id.to_string(),
+                    api_key_id: k.key_id.to_string(),
+                })
+            }
+            Err(crate::keys::AuthError::WrongEndpoint) => Err(GatewayError::WrongEndpoint),
+            Err(_) => Err(GatewayError::Unauthenticated),
+        }
+    }
+}
+
+impl CredentialSource for crate::keys::KeyRing {
+    fn credentials_for(
+        &self,
+        account_id: &str,
+        api_key_id: &str,
+        provider: &str,
+    ) -> Vec<Arc<UpstreamKey>> {
+        crate::keys::KeyRing::credentials_for(self, account_id, Some(api_key_id), provider)
+    }
+
+    fn custom_provider(&self, account_id: &str, provider: &str) -> Option<CustomProvider> {
+        crate::keys::KeyRing::custom_provider(self, account_id, provider).map(|c| CustomProvider {
+            base_url: c.base_url.to_string(),
+            shape: c.api_shape,
+        })
+    }
 }

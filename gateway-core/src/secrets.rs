@@ -72,7 +72,7 @@ impl Kek {
 
     pub fn from_bytes(key: &[u8; KEK_LEN]) -> Kek {
         Kek {
-            cipher: ChaCha20Poly1305::new(Key::from_slice(key)),
+            cipher: ChaCha20Poly1305::new(&Key::from(*key)),
         }
     }
 }
@@ -119,7 +119,7 @@ pub fn seal(
     let ciphertext = kek
         .cipher
         .encrypt(
-            Nonce::from_slice(&nonce),
+            &Nonce::from(nonce),
             Payload {
                 msg: plaintext.expose_secret().as_bytes(),
                 aad: &aad,
@@ -140,7 +140,7 @@ pub fn open(
     let plaintext = kek
         .cipher
         .decrypt(
-            Nonce::from_slice(&sealed.nonce),
+            &Nonce::from(sealed.nonce),
             Payload {
                 msg: &sealed.ciphertext,
                 aad: &aad,
@@ -229,7 +229,10 @@ mod tests {
         assert!(!e.to_string().contains(&short));
         let ok = format!("{}\n", STANDARD.encode([9u8; KEK_LEN]));
         assert!(Kek::from_base64(&ok).is_ok());
-        assert_eq!(format!("{:?}", Kek::from_base64(&ok).unwrap()), "Kek([REDACTED])");
+        assert_eq!(
+            format!("{:?}", Kek::from_base64(&ok).unwrap()),
+            "Kek([REDACTED])"
+        );
     }
 
     #[test]

@@ -69,7 +69,10 @@ mod tests {
         assert_eq!(count("gpt-4o", "hello world"), 2);
         assert_eq!(count("claude-haiku-4-5", "hello world"), 2);
         let body = serde_json::json!({"messages": [{"role": "user", "content": "hello world"}]});
-        assert_eq!(estimate_prompt("gpt-4o", &body), 2 + 3 + 3);
+        assert_eq!(
+            estimate_prompt("gpt-4o", &body),
+            count("gpt-4o", "hello world\n") + 3 + 3
+        );
         let parts = serde_json::json!({"system": "be brief", "messages": [{"role": "user", "content": [{"type": "text", "text": "hello world"}]}]});
         assert!(estimate_prompt("claude-haiku-4-5", &parts) > 4);
     }

@@ -48,8 +48,12 @@ impl StaticCreds {
             .map(|(k, kind)| {
                 Arc::new(UpstreamKey {
                     credential_id: format!("cred-{k}"),
+                    account_id: account.to_string(),
+                    provider: provider.to_string(),
                     kind: *kind,
-                    secret: SecretString::from(k.to_string()),
+                    api_key_id: None,
+                    masked: String::new(),
+                    api_key: SecretString::from(k.to_string()),
                 })
             })
             .collect();
