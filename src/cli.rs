@@ -3,12 +3,20 @@
 use std::io::Write as _;
 use std::sync::Arc;
 
+use tally_gateway_core::mock;
 use tally_ingest::{rebuild, sweep};
+use tokio::net::TcpListener;
 
-use crate::api::AppState;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Cli, Command, LedgerCommand, validate_database_url};
-use crate::{demo, server};
+use crate::config::{Cli, Command, LedgerCommand, Role, validate_database_url};
+use crate::stack::{Stack, StackParts};
+use crate::{demo, gateway, server};
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the {what}: {e}"))
+}
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     validate_database_url(&cli.common.database_url)?;
@@ -19,44 +27,79 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
+        Command::MockProvider { listen } => {
+            let addr: std::net::SocketAddr = listen.parse()?;
+            let (bound, _state) = mock::spawn(addr).await?;
+            demo::print(&format!(
+                "mock provider on http://{bound}/v1 (OpenAI and Anthropic APIs); Ctrl-C stops it\n"
+            ))?;
+            server::shutdown_signal().await;
+            Ok(())
+        }
         Command::Serve(args) => {
             let config = args.server.validate()?;
+            let settings = args.gateway.validate()?;
+            let kek = gateway::kek(&settings, false)?;
             let store = server::open_store(&cli.common.database_url, clock.as_ref()).await?;
-            let listener = server::bind(&config).await?;
-            tracing::info!(listen = %config.listen, role = ?args.role, "tally serving");
-            server::run(
-                listener,
-                AppState { store, clock },
-                config.sweep_interval,
-                server::shutdown_signal(),
-            )
-            .await
+            let ledger = match args.role {
+                Role::Ledger | Role::All => Some(bind(config.listen, "ledger API").await?),
+                Role::Gateway => None,
+            };
+            let gw = match args.role {
+                Role::Gateway | Role::All => Some(bind(settings.listen, "gateway").await?),
+                Role::Ledger => None,
+            };
+            let stack = Stack::start(StackParts {
+                store,
+                clock,
+                ledger,
+                gateway: gw,
+                settings,
+                kek,
+                sweep_interval: config.sweep_interval,
+            })
+            .await?;
+            tracing::info!(ledger = ?stack.ledger_addr, gateway = ?stack.gateway_addr, role = ?args.role, "tally serving");
+            server::shutdown_signal().await;
+            stack.stop().await
         }
         Command::Demo(args) => {
             let config = args.server.validate()?;
+            let mut settings = args.gateway.validate()?;
+            let kek = gateway::kek(&settings, true)?;
             let store = server::open_store(&cli.common.database_url, clock.as_ref()).await?;
-            let listener = server::bind(&config).await?;
-            let addr = listener.local_addr()?;
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let state = AppState {
+            let (mock_addr, mock_state) = mock::spawn("127.0.0.1:0".parse()?).await?;
+            demo::configure_gateway(&mut settings.config, mock_addr);
+            let ledger = bind(config.listen, "ledger API").await?;
+            let gw = bind(settings.listen, "gateway").await?;
+            let stack = Stack::start(StackParts {
                 store,
                 clock: Arc::clone(&clock),
+                ledger: Some(ledger),
+                gateway: Some(gw),
+                settings,
+                kek,
+                sweep_interval: config.sweep_interval,
+            })
+            .await?;
+            let (ledger_addr, gateway_addr) = match (stack.ledger_addr, stack.gateway_addr) {
+                (Some(l), Some(g)) => (l, g),
+                _ => anyhow::bail!("the demo needs both the ledger API and the gateway"),
             };
-            let serving = tokio::spawn(server::run(
-                listener,
-                state,
-                config.sweep_interval,
-                async move {
-                    let _ = stop_rx.await;
-                },
-            ));
-            let report = demo::run_scenario(&format!("http://{addr}"), clock.now()).await;
+            let report = demo::run_scenario(
+                &format!("http://{ledger_addr}"),
+                &format!("http://{gateway_addr}"),
+                &mock_state,
+                clock.now(),
+            )
+            .await;
             let outcome = match report {
                 Ok(text) => {
                     demo::print(&text)?;
                     if !args.exit {
                         demo::print(&format!(
-                            "\nServing on http://{addr} until interrupted (Ctrl-C).\n"
+                            "\nServing until interrupted (Ctrl-C): ledger API http://{ledger_addr}, gateway http://{gateway_addr}/v1, \
+                             mock provider http://{mock_addr}/v1.\n"
                         ))?;
                         server::shutdown_signal().await;
                     }
@@ -64,8 +107,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Err(e) => Err(e),
             };
-            let _ = stop_tx.send(());
-            serving.await??;
+            stack.stop().await?;
             std::io::stdout().flush()?;
             outcome
         }

@@ -42,6 +42,11 @@ pub enum Command {
     Migrate,
     /// Run the whole flow end to end on the embedded defaults and print what happened.
     Demo(DemoArgs),
+    /// Run the mock OpenAI/Anthropic provider (for trying the gateway without real keys).
+    MockProvider {
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: String,
+    },
     /// Ledger maintenance.
     Ledger {
         #[command(subcommand)]

@@ -6,17 +6,49 @@ use std::io::Write as _;
 use anyhow::{Context, bail};
 use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
 use serde_json::{Value, json};
-use uuid::Uuid;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 
-/// Drives a running ledger API at `base` (e.g. `http://127.0.0.1:8787`) and returns the report.
-pub async fn run_scenario(base: &str, now: DateTime<Utc>) -> anyhow::Result<String> {
+use tally_gateway_core::config::GatewayConfig;
+use tally_gateway_core::mock::{MockBehavior, MockState};
+
+/// The platform's managed OpenAI key in the demo; the mock provider accepts it.
+pub const DEMO_MANAGED_OPENAI_KEY: &str = "sk-demo-managed-openai-000000000001";
+const BYOK_LIMITED: &str = "sk-ant-demo-rate-limited-0000000001";
+const BYOK_GOOD: &str = "sk-ant-demo-customer-key-0000000002";
+
+/// Points the catalog's OpenAI and Anthropic at the in-process mock provider and gives the
+/// platform a managed OpenAI key there.
+pub fn configure_gateway(config: &mut GatewayConfig, mock: SocketAddr) {
+    for provider in ["openai", "anthropic"] {
+        config
+            .base_url_overrides
+            .insert(provider.to_string(), format!("http://{mock}/v1"));
+    }
+    config.managed_keys.insert(
+        "openai".to_string(),
+        vec![secrecy::SecretString::from(DEMO_MANAGED_OPENAI_KEY)],
+    );
+}
+
+/// Drives running ledger and gateway APIs (`http://host:port` each) against the mock provider
+/// and returns the report.
+pub async fn run_scenario(
+    base: &str,
+    gateway: &str,
+    mock: &MockState,
+    now: DateTime<Utc>,
+) -> anyhow::Result<String> {
     let http = reqwest::Client::new();
     let mut out = String::new();
     let account_id = format!("demo-{}", now.format("%Y%m%d%H%M%S%3f"));
     let c = Client { http: &http, base };
 
     c.post("/v1/accounts", &json!({"account_id": account_id, "name": "Acme Corp (demo)", "low_balance_threshold_usd": "5.00"}), None, 201).await?;
-    writeln!(out, "tally demo — ledger API at {base}\n")?;
+    writeln!(
+        out,
+        "tally demo — ledger API {base}, gateway {gateway}/v1, upstreams: the mock provider\n"
+    )?;
     writeln!(
         out,
         "Account {account_id} opened (low-balance threshold $5.00)."
@@ -42,8 +74,7 @@ pub async fn run_scenario(base: &str, now: DateTime<Utc>) -> anyhow::Result<Stri
     let same = first["lot"]["lot_id"] == retry["lot"]["lot_id"];
     writeln!(
         out,
-        "Bought $20.00 of credits (lot {}); the retried request with the same Idempotency-Key returned the same lot: {same}.",
-        str_of(&first["lot"]["lot_id"])
+        "Bought $20.00 of credits; the retried request with the same Idempotency-Key returned the same lot: {same}."
     )?;
     let expires = now + Duration::days(30);
     c.post(
@@ -55,105 +86,96 @@ pub async fn run_scenario(base: &str, now: DateTime<Utc>) -> anyhow::Result<Stri
     .await?;
     writeln!(
         out,
-        "Granted $5.00 of promotional credit, expiring {} (burns first: priority 10).\n",
+        "Granted $5.00 of promotional credit, expiring {} (burns first: priority 10).",
         expires.format("%Y-%m-%d")
     )?;
 
-    // Usage happens after the credits were bought: a lot only pays for usage inside its
-    // validity window, which starts at the purchase.
-    let now = Utc::now();
-    let mut events = Vec::new();
-    for i in 0..40 {
-        events.push(usage(
-            &account_id,
-            now,
-            i,
-            "key_frontend",
-            "openai",
-            "gpt-4o",
-            "managed",
-            "managed-openai",
-            [12_000, 2_000, 3_000, 0],
-        ));
+    // Gateway keys for two teams, and the backend team's own Anthropic keys (BYOK).
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut tokens: HashMap<&str, String> = HashMap::new();
+    for team in ["frontend", "backend"] {
+        let k = c
+            .post(
+                &format!("/v1/accounts/{account_id}/keys"),
+                &json!({"endpoint_id": "default", "description": team}),
+                None,
+                201,
+            )
+            .await?;
+        names.insert(str_of(&k["key_id"]), team.to_string());
+        tokens.insert(team, str_of(&k["token"]));
     }
-    for i in 0..25 {
-        events.push(usage(
-            &account_id,
-            now,
-            100 + i,
-            "key_backend",
-            "anthropic",
-            "claude-sonnet-4-5",
-            "byok",
-            "byok-anthropic-1",
-            [8_000, 0, 1_500, 0],
-        ));
-    }
-    for i in 0..10 {
-        events.push(usage(
-            &account_id,
-            now,
-            200 + i,
-            "key_batch",
-            "openai",
-            "gpt-4o-mini",
-            "attached",
-            "attached-openai-batch",
-            [50_000, 0, 4_000, 0],
-        ));
-    }
-    let posted = c
-        .post("/v1/events", &json!({"events": events}), None, 200)
+    for (key, position) in [(BYOK_LIMITED, 0), (BYOK_GOOD, 1)] {
+        c.post(
+            &format!("/v1/accounts/{account_id}/provider-keys"),
+            &json!({"provider": "anthropic", "api_key": key, "kind": "byok", "position": position}),
+            None,
+            201,
+        )
         .await?;
-    let again = c
-        .post("/v1/events", &json!({"events": events[..5]}), None, 200)
+    }
+    mock.set_behavior(BYOK_LIMITED, MockBehavior::status(429));
+    writeln!(
+        out,
+        "Created gateway keys for the frontend and backend teams; the backend brought two Anthropic keys (BYOK), the first of them rate-limited upstream.\n"
+    )?;
+
+    let g = Gateway {
+        http: &http,
+        base: gateway,
+    };
+    for i in 0..12 {
+        g.openai(&tokens["frontend"], "gpt-4o", i % 2 == 0, 200)
+            .await?;
+    }
+    for _ in 0..6 {
+        g.anthropic(&tokens["backend"], "anthropic:claude-sonnet-4-5", 200)
+            .await?;
+    }
+    writeln!(
+        out,
+        "Sent 12 OpenAI chat completions (half of them streamed) with the frontend key on managed credentials, and 6 Anthropic messages with the backend key: each failed over from the rate-limited key to the next one.\n"
+    )?;
+    wait_for_requests(&c, &account_id, now, 12 + 6 * 2).await?;
+    write_balance(&mut out, &c, &account_id).await?;
+    write_usage(&mut out, &c, &account_id, now, &names).await?;
+    write_decision(&mut out, &c, &account_id).await?;
+
+    // Long answers on the managed key burn the credits down to nothing.
+    mock.set_behavior(
+        DEMO_MANAGED_OPENAI_KEY,
+        MockBehavior {
+            completion_tokens: 300_000,
+            ..MockBehavior::default()
+        },
+    );
+    let mut served = 0;
+    let mut denied = false;
+    for _ in 0..60 {
+        match g.openai(&tokens["frontend"], "gpt-4o", false, 0).await? {
+            200 => served += 1,
+            403 => {
+                denied = true;
+                break;
+            }
+            other => bail!("unexpected gateway status {other}"),
+        }
+    }
+    if !denied {
+        bail!("the account was never denied");
+    }
+    let byok_status = g
+        .anthropic(&tokens["backend"], "claude-sonnet-4-5", 200)
         .await?;
     writeln!(
         out,
-        "Posted {} usage events (managed, BYOK and attached-key); re-sending 5 of them applied {} and absorbed {} duplicates.\n",
-        posted["applied"],
-        again["applied"],
-        again["duplicates"].as_array().map_or(0, Vec::len)
+        "\nThen {served} long managed answers used the credits up: the next managed request got HTTP 403 credits_exhausted, while a BYOK request still got HTTP {byok_status}.\n"
     )?;
-
-    write_balance(&mut out, &c, &account_id).await?;
-    write_usage(&mut out, &c, &account_id, now).await?;
-    write_decision(&mut out, &c, &account_id).await?;
-
-    let now = Utc::now();
-    let mut heavy = Vec::new();
-    for i in 0..400 {
-        heavy.push(usage(
-            &account_id,
-            now,
-            1000 + i,
-            "key_frontend",
-            "openai",
-            "gpt-4o",
-            "managed",
-            "managed-openai",
-            [12_000, 2_000, 3_000, 0],
-        ));
-    }
-    heavy.push(usage(
-        &account_id,
-        now,
-        5000,
-        "key_backend",
-        "anthropic",
-        "claude-sonnet-4-5",
-        "byok",
-        "byok-anthropic-1",
-        [8_000, 0, 1_500, 0],
-    ));
-    c.post("/v1/events", &json!({"events": heavy}), None, 200)
-        .await?;
-    writeln!(
-        out,
-        "\nThen 400 more managed requests, more than the credits left, and one more BYOK request:\n"
-    )?;
+    mock.remove_behavior(DEMO_MANAGED_OPENAI_KEY);
+    wait_for_requests(&c, &account_id, now, 12 + 6 * 2 + served + 2).await?;
     write_balance(&mut out, &c, &account_id).await?;
     write_decision(&mut out, &c, &account_id).await?;
+
     let topup = c
         .post(
             &format!("/v1/accounts/{account_id}/purchases"),
@@ -168,12 +190,110 @@ pub async fn run_scenario(base: &str, now: DateTime<Utc>) -> anyhow::Result<Stri
         usd(&topup["lot"]["remaining_usd"]),
         usd(&topup["balance_usd"])
     )?;
-    write_decision(&mut out, &c, &account_id).await?;
+    let mut status = 0;
+    for _ in 0..50 {
+        status = g.openai(&tokens["frontend"], "gpt-4o", false, 0).await?;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    writeln!(
+        out,
+        "Managed requests are served again (HTTP {status}) as soon as the gateways see the new decision."
+    )?;
+    wait_for_requests(&c, &account_id, now, 12 + 6 * 2 + served + 3).await?;
+    write_usage(&mut out, &c, &account_id, now, &names).await?;
     writeln!(
         out,
         "\nTry it: curl -s {base}/v1/accounts/{account_id}/balance ; curl -s '{base}/v1/accounts/{account_id}/ledger?limit=5'"
     )?;
     Ok(out)
+}
+
+/// Usage reaches the ledger a moment after the response; wait until it is all applied.
+async fn wait_for_requests(
+    c: &Client<'_>,
+    account_id: &str,
+    now: DateTime<Utc>,
+    attempts: usize,
+) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        let u = c.get(&usage_path(account_id, now, "")).await?;
+        let seen = u["rows"]
+            .as_array()
+            .and_then(|r| r.first())
+            .and_then(|r| r["requests"].as_u64())
+            .unwrap_or(0);
+        if seen >= attempts as u64 {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    bail!("the ledger did not receive {attempts} attempts in time")
+}
+
+fn usage_path(account_id: &str, now: DateTime<Utc>, group_by: &str) -> String {
+    let to = now.duration_trunc(TimeDelta::hours(1)).unwrap_or(now) + Duration::hours(2);
+    let from = to - Duration::days(1);
+    let mut p = format!(
+        "/v1/usage?account_id={account_id}&from={}&to={}",
+        from.format("%Y-%m-%dT%H:%M:%SZ"),
+        to.format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    if !group_by.is_empty() {
+        p.push_str("&group_by=");
+        p.push_str(group_by);
+    }
+    p
+}
+
+struct Gateway<'a> {
+    http: &'a reqwest::Client,
+    base: &'a str,
+}
+
+impl Gateway<'_> {
+    /// Returns the status; when `expect` is non-zero any other status is an error.
+    async fn openai(
+        &self,
+        token: &str,
+        model: &str,
+        stream: bool,
+        expect: u16,
+    ) -> anyhow::Result<u16> {
+        let body = json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Summarise our Q3 usage in one line."}]});
+        let resp = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        if expect != 0 && status != expect {
+            bail!("gateway: expected HTTP {expect}, got {status}: {text}");
+        }
+        Ok(status)
+    }
+
+    async fn anthropic(&self, token: &str, model: &str, expect: u16) -> anyhow::Result<u16> {
+        let body = json!({"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "Draft a release note."}]});
+        let resp = self
+            .http
+            .post(format!("{}/v1/messages", self.base))
+            .header("x-api-key", token)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        if expect != 0 && status != expect {
+            bail!("gateway: expected HTTP {expect}, got {status}: {text}");
+        }
+        Ok(status)
+    }
 }
 
 struct Client<'a> {
@@ -218,40 +338,6 @@ async fn check(resp: reqwest::Response, path: &str, expect: u16) -> anyhow::Resu
         bail!("{path}: expected HTTP {expect}, got {status}: {body}");
     }
     Ok(body)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn usage(
-    account_id: &str,
-    now: DateTime<Utc>,
-    n: u32,
-    key: &str,
-    provider: &str,
-    model: &str,
-    kind: &str,
-    credential: &str,
-    [input, cached, output, reasoning]: [i64; 4],
-) -> Value {
-    json!({
-        "event_id": Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{account_id}/{n}").as_bytes()),
-        "occurred_at": now + Duration::milliseconds(i64::from(n % 1000)),
-        "account_id": account_id,
-        "type": "usage",
-        "request_id": format!("req_{n:05}"),
-        "attempt": 1,
-        "endpoint_id": "default",
-        "api_key_id": key,
-        "provider": provider,
-        "model": model,
-        "credential_kind": kind,
-        "credential_id": credential,
-        "tokens": {"input": input, "cached_input": cached, "output": output, "reasoning": reasoning},
-        "token_source": "provider",
-        "upstream_latency_ms": 420 + n % 50,
-        "total_latency_ms": 425 + n % 50,
-        "status": 200,
-        "streaming": n.is_multiple_of(3),
-    })
 }
 
 fn str_of(v: &Value) -> String {
@@ -355,29 +441,31 @@ async fn write_usage(
     c: &Client<'_>,
     account_id: &str,
     now: DateTime<Utc>,
+    names: &HashMap<String, String>,
 ) -> anyhow::Result<()> {
-    let to = now.duration_trunc(TimeDelta::hours(1)).unwrap_or(now) + Duration::hours(1);
-    let from = to - Duration::days(1);
-    let path = format!(
-        "/v1/usage?account_id={account_id}&from={}&to={}&group_by=api_key_id,credential_kind,provider,model",
-        from.format("%Y-%m-%dT%H:%M:%SZ"),
-        to.format("%Y-%m-%dT%H:%M:%SZ")
-    );
-    let u = c.get(&path).await?;
+    let u = c
+        .get(&usage_path(
+            account_id,
+            now,
+            "api_key_id,credential_kind,provider,model",
+        ))
+        .await?;
     writeln!(
         out,
-        "\nUsage in the last 24 hours by key and credential kind:"
+        "\nUsage by key and credential kind (attempts, including failed ones):"
     )?;
     let rows: Vec<Vec<String>> = u["rows"]
         .as_array()
         .map(|rows| {
             rows.iter()
                 .map(|r| {
+                    let key = str_of(&r["api_key_id"]);
                     vec![
-                        str_of(&r["api_key_id"]),
+                        names.get(&key).cloned().unwrap_or(key),
                         str_of(&r["credential_kind"]),
                         format!("{}:{}", str_of(&r["provider"]), str_of(&r["model"])),
                         str_of(&r["requests"]),
+                        str_of(&r["failed_requests"]),
                         format!(
                             "{}",
                             r["input_tokens"].as_i64().unwrap_or(0)
@@ -385,7 +473,6 @@ async fn write_usage(
                                 + r["output_tokens"].as_i64().unwrap_or(0)
                                 + r["reasoning_tokens"].as_i64().unwrap_or(0)
                         ),
-                        usd(&r["upstream_cost_usd"]),
                         usd(&r["charged_usd"]),
                         usd(&r["attributed_usd"]),
                     ]
@@ -396,12 +483,12 @@ async fn write_usage(
     table(
         out,
         &[
-            "api key",
+            "key",
             "credential",
             "model",
-            "requests",
+            "attempts",
+            "failed",
             "tokens",
-            "upstream cost",
             "charged to credits",
             "BYOK attributed",
         ],

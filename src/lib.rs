@@ -13,4 +13,6 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod gateway;
 pub mod server;
+pub mod stack;

@@ -27,9 +27,23 @@ pub async fn run(
     sweep_interval: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with(listener, state, None, sweep_interval, shutdown).await
+}
+
+/// [`run`], with more routes beside the ledger's (the admin API of keys and credentials).
+pub async fn run_with(
+    listener: TcpListener,
+    state: AppState,
+    extra: Option<axum::Router>,
+    sweep_interval: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let sweeper = tokio::spawn(sweep_loop(state.clone(), sweep_interval, stop_rx));
-    let app = api::router(state);
+    let app = match extra {
+        Some(extra) => api::router(state).merge(extra),
+        None => api::router(state),
+    };
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -70,10 +70,22 @@ pub struct StoredResponse {
     pub replayed: bool,
 }
 
-#[derive(Debug)]
+/// Called after every committed batch with the new state of each account it changed: how the
+/// gateways of this process learn of a purchase or an exhausted balance without polling.
+pub type CommitListener = Arc<dyn Fn(&HashMap<String, AccountState>, DateTime<Utc>) + Send + Sync>;
+
 pub struct Store {
     pool: PgPool,
     prices: RwLock<Arc<PriceBook>>,
+    listeners: RwLock<Vec<CommitListener>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -94,10 +106,31 @@ impl Store {
         let store = Store {
             pool,
             prices: RwLock::new(Arc::new(PriceBook::default())),
+            listeners: RwLock::new(Vec::new()),
         };
         let book = store.load_price_book(&store.pool).await?;
         store.set_prices(book);
         Ok(store)
+    }
+
+    pub fn on_commit(&self, listener: CommitListener) {
+        match self.listeners.write() {
+            Ok(mut l) => l.push(listener),
+            Err(p) => p.into_inner().push(listener),
+        }
+    }
+
+    fn notify(&self, states: &HashMap<String, AccountState>, now: DateTime<Utc>) {
+        if states.is_empty() {
+            return;
+        }
+        let listeners = match self.listeners.read() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        for l in listeners {
+            l(states, now);
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -414,6 +447,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        self.notify(&report.states, now);
         Ok((
             report,
             StoredResponse {

@@ -1,0 +1,158 @@
+//! Starting the gateway role: key ring, decision cache, in-process event sink, the proxy, and
+//! the loops that keep the in-memory state in step with the database.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+use tally_gateway_core::decisions::{self, DecisionCache};
+use tally_gateway_core::keys::KeyRing;
+use tally_gateway_core::proxy::{self, Gateway};
+use tally_gateway_core::secrets::Kek;
+use tally_gateway_core::sink::{InProcessSink, SinkStats};
+use tally_ingest::Store;
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::config::GatewaySettings;
+
+/// Other instances' key and credential changes are picked up this often; this instance's own
+/// admin writes reload at once.
+pub const KEYRING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// `last_used_at` of gateway keys is written this often, in one statement.
+pub const LAST_USED_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct GatewayRuntime {
+    pub gateway: Arc<Gateway>,
+    pub keyring: Arc<KeyRing>,
+    pub decisions: Arc<DecisionCache>,
+    pub sink_stats: Arc<SinkStats>,
+}
+
+/// The KEK from configuration; `demo` may fall back to a fixed, published one because its data
+/// is throwaway. `serve` refuses to start without a real one.
+pub fn kek(settings: &GatewaySettings, allow_demo_key: bool) -> anyhow::Result<Kek> {
+    match &settings.kek {
+        Some(k) => Kek::from_base64(k.expose_secret()).context("invalid TALLY_KEK"),
+        None if allow_demo_key => {
+            let bytes: [u8; 32] =
+                Sha256::digest(b"tally demo key-encryption key; never use outside the demo").into();
+            Ok(Kek::from_bytes(&bytes))
+        }
+        None => anyhow::bail!(
+            "TALLY_KEK is required: 32 random bytes, base64 (e.g. `head -c32 /dev/urandom | base64`); \
+             provider keys are encrypted with it"
+        ),
+    }
+}
+
+pub async fn start(
+    store: Arc<Store>,
+    settings: &GatewaySettings,
+    kek: Kek,
+    clock: Arc<dyn Clock>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<GatewayRuntime> {
+    let pool = store.pool().clone();
+    let keyring = Arc::new(KeyRing::load(&pool, Arc::new(kek)).await?);
+    let decisions = DecisionCache::new();
+    let listening = Arc::clone(&decisions);
+    store.on_commit(Arc::new(move |states, now| {
+        listening.update_from_states(states.values(), now)
+    }));
+    decisions.refresh(&pool, clock.now()).await?;
+    let fn_clock: proxy::Clock = {
+        let c = Arc::clone(&clock);
+        Arc::new(move || c.now())
+    };
+    let (sink, _writer) = InProcessSink::start(
+        Arc::clone(&store),
+        Arc::clone(&decisions),
+        Arc::clone(&fn_clock),
+    );
+    let sink_stats = Arc::clone(&sink.stats);
+    let gateway = Arc::new(Gateway::new(
+        settings.config.clone(),
+        keyring.clone(),
+        keyring.clone(),
+        Arc::clone(&decisions),
+        Arc::new(sink),
+        fn_clock,
+    )?);
+    spawn_loops(
+        pool,
+        Arc::clone(&keyring),
+        Arc::clone(&decisions),
+        clock,
+        stop,
+    );
+    Ok(GatewayRuntime {
+        gateway,
+        keyring,
+        decisions,
+        sink_stats,
+    })
+}
+
+fn spawn_loops(
+    pool: sqlx::PgPool,
+    keyring: Arc<KeyRing>,
+    decisions: Arc<DecisionCache>,
+    clock: Arc<dyn Clock>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut stop_a = stop.clone();
+    let (p, d, c) = (pool.clone(), Arc::clone(&decisions), Arc::clone(&clock));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(decisions::REFRESH_INTERVAL);
+        loop {
+            tokio::select! { _ = tick.tick() => {}, _ = stop_a.changed() => return }
+            if let Err(e) = d.refresh(&p, c.now()).await {
+                tracing::warn!(error = %e, "decision refresh failed; serving the last known decisions");
+            }
+        }
+    });
+    let mut stop_b = stop.clone();
+    let (p, k) = (pool.clone(), Arc::clone(&keyring));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(KEYRING_RELOAD_INTERVAL);
+        loop {
+            tokio::select! { _ = tick.tick() => {}, _ = stop_b.changed() => return }
+            if let Err(e) = k.reload(&p).await {
+                tracing::warn!(error = %e, "key ring reload failed; serving the last snapshot");
+            }
+        }
+    });
+    let mut stop_c = stop;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LAST_USED_FLUSH_INTERVAL);
+        loop {
+            let stopping =
+                tokio::select! { _ = tick.tick() => false, _ = stop_c.changed() => true };
+            if let Err(e) = keyring.flush_last_used(&pool).await {
+                tracing::warn!(error = %e, "writing last_used_at failed; will retry");
+            }
+            if stopping {
+                return;
+            }
+        }
+    });
+}
+
+/// Serves the proxy on `listener` until `stop` flips.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    runtime: &GatewayRuntime,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let app = proxy::router(Arc::clone(&runtime.gateway));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await?;
+    Ok(())
+}
