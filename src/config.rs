@@ -149,6 +149,10 @@ pub struct GatewayArgs {
     /// Only these `provider:model`s may be used (comma-separated); empty allows all.
     #[arg(long, env = "TALLY_ALLOWED_MODELS", value_delimiter = ',')]
     pub allowed_models: Vec<String>,
+    /// Hosts, IPs or CIDR blocks custom providers may reach although private or loopback
+    /// (comma-separated); everything else private, loopback, link-local or metadata is refused.
+    #[arg(long, env = "TALLY_EGRESS_ALLOWLIST", value_delimiter = ',')]
+    pub egress_allowlist: Vec<String>,
     #[arg(long, env = "TALLY_PER_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
     pub per_request_timeout_secs: u64,
     #[arg(long, env = "TALLY_TOTAL_TIMEOUT_SECS", default_value_t = 360)]
@@ -176,6 +180,7 @@ impl GatewayArgs {
         let mut config = GatewayConfig {
             per_request_timeout: Duration::from_secs(self.per_request_timeout_secs),
             total_timeout: Duration::from_secs(self.total_timeout_secs),
+            custom_provider_allowlist: self.egress_allowlist.clone(),
             ..GatewayConfig::default()
         };
         for (provider, keys) in [

@@ -19,6 +19,9 @@ pub struct GatewayConfig {
     pub base_url_overrides: BTreeMap<String, String>,
     /// Provider id → the platform's own keys, tried in order; OpenAI and Anthropic only.
     pub managed_keys: BTreeMap<String, Vec<SecretString>>,
+    /// Hosts, IPs or CIDR blocks that custom providers may reach although they are private,
+    /// loopback or link-local (a self-hosted Ollama or vLLM on the operator's network).
+    pub custom_provider_allowlist: Vec<String>,
     /// Limit of one attempt, up to the response headers for streams and the whole body
     /// otherwise.
     pub per_request_timeout: Duration,
@@ -34,6 +37,7 @@ impl Default for GatewayConfig {
             configured_providers: BTreeMap::new(),
             base_url_overrides: BTreeMap::new(),
             managed_keys: BTreeMap::new(),
+            custom_provider_allowlist: Vec::new(),
             per_request_timeout: Duration::from_secs(60),
             // The seeds' default: six minutes for every attempt of a request.
             total_timeout: Duration::from_secs(360),

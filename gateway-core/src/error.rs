@@ -18,6 +18,8 @@ pub enum GatewayError {
     ProviderNotAllowed(String),
     #[error("model unknown: {0}")]
     ModelUnknown(String),
+    #[error("custom provider address refused: {0}")]
+    EgressRefused(String),
     #[error("credits exhausted: managed requests are denied until credits are added")]
     CreditsExhausted,
     #[error("no provider key available for {0}")]
@@ -59,6 +61,9 @@ impl GatewayError {
                 "model_unknown",
                 "invalid_request_error",
             ),
+            GatewayError::EgressRefused(_) => {
+                (StatusCode::FORBIDDEN, "egress_refused", "permission_error")
+            }
             GatewayError::CreditsExhausted => (
                 StatusCode::FORBIDDEN,
                 "credits_exhausted",

@@ -10,6 +10,7 @@
 //! - [`decisions`]: the in-memory enforcement cache the request path reads.
 //! - [`sink`]: where usage events go ([`sink::EventSink`]); in process by default.
 //! - [`tokens`]: tiktoken estimates when a provider reports no usage.
+//! - [`egress`]: where custom providers may connect (no private or metadata addresses).
 //! - [`error`]: gateway errors in each API's own shape.
 //! - [`mock`]: a mock OpenAI/Anthropic upstream for tests, benchmarks and the demo.
 
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod decisions;
+pub mod egress;
 pub mod error;
 pub mod keys;
 pub mod mock;

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::catalog::{self, ApiShape};
 use crate::config::GatewayConfig;
 use crate::decisions::DecisionCache;
+use crate::egress::{EgressPolicy, GuardedResolver};
 use crate::error::GatewayError;
 use crate::sink::EventSink;
 use crate::tokens;
@@ -82,6 +83,9 @@ pub struct Gateway {
     pub decisions: Arc<DecisionCache>,
     pub sink: Arc<dyn EventSink>,
     http: reqwest::Client,
+    /// For custom providers only: resolves through the egress guard.
+    custom_http: reqwest::Client,
+    egress: Arc<EgressPolicy>,
     managed: Vec<(String, Vec<Arc<UpstreamKey>>)>,
     clock: ClockBox,
 }
@@ -128,15 +132,31 @@ impl Gateway {
             .collect();
         // Redirects are not followed: a provider answering with one is an error, and
         // following it could carry a key to an address nobody vetted.
+        let client_error = |e: reqwest::Error| crate::config::GatewayConfigError::Invalid {
+            field: "http client".into(),
+            reason: e.to_string(),
+        };
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(256)
             .build()
-            .map_err(|e| crate::config::GatewayConfigError::Invalid {
-                field: "http client".into(),
-                reason: e.to_string(),
-            })?;
+            .map_err(client_error)?;
+        let egress = Arc::new(
+            EgressPolicy::new(&config.custom_provider_allowlist).map_err(|e| {
+                crate::config::GatewayConfigError::Invalid {
+                    field: "custom_provider_allowlist".into(),
+                    reason: e.to_string(),
+                }
+            })?,
+        );
+        let custom_http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(GuardedResolver(Arc::clone(&egress))))
+            .build()
+            .map_err(client_error)?;
         Ok(Gateway {
+            custom_http,
+            egress,
             config,
             auth,
             credentials,
@@ -356,6 +376,9 @@ fn resolve(
                 if provider_allowed(&gw.config, &provider)
                     || gw.config.configured_providers.is_empty() =>
             {
+                crate::egress::check_url(&gw.egress, &c.base_url).map_err(|reason| {
+                    GatewayError::EgressRefused(format!("{provider}: {reason}"))
+                })?;
                 (c.base_url, c.shape, true)
             }
             _ => return Err(GatewayError::ProviderNotAllowed(provider)),
@@ -514,9 +537,13 @@ fn upstream_request(
         }
     }
     let base = cand.base_url.trim_end_matches('/');
+    let client = if cand.custom {
+        &gw.custom_http
+    } else {
+        &gw.http
+    };
     let req = match cand.shape {
-        ApiShape::OpenAi => gw
-            .http
+        ApiShape::OpenAi => client
             .post(format!("{base}/chat/completions"))
             .bearer_auth(key.api_key.expose_secret()),
         ApiShape::Anthropic => {
@@ -526,8 +553,7 @@ fn upstream_request(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or(DEFAULT_ANTHROPIC_VERSION)
                 .to_string();
-            let mut r = gw
-                .http
+            let mut r = client
                 .post(format!("{base}/messages"))
                 .header("x-api-key", key.api_key.expose_secret())
                 .header("anthropic-version", version);

@@ -39,7 +39,7 @@ impl Authenticator for StaticAuth {
 type KeysByAccountProvider = HashMap<(String, String), Vec<Arc<UpstreamKey>>>;
 
 #[derive(Debug, Default)]
-struct StaticCreds(Mutex<KeysByAccountProvider>);
+struct StaticCreds(Mutex<KeysByAccountProvider>, Mutex<HashMap<String, String>>);
 
 impl StaticCreds {
     fn set(&self, account: &str, provider: &str, keys: &[(&str, CredentialKind)]) {
@@ -78,12 +78,20 @@ impl CredentialSource for StaticCreds {
             .cloned()
             .unwrap_or_default()
     }
-    fn custom_provider(&self, _account_id: &str, _provider: &str) -> Option<CustomProvider> {
-        None
+    fn custom_provider(&self, _account_id: &str, provider: &str) -> Option<CustomProvider> {
+        self.1
+            .lock()
+            .unwrap()
+            .get(provider)
+            .map(|url| CustomProvider {
+                base_url: url.clone(),
+                shape: ApiShape::OpenAi,
+            })
     }
 }
 
 struct World {
+    mock_addr: std::net::SocketAddr,
     base: String,
     http: reqwest::Client,
     mock: Arc<MockState>,
@@ -110,7 +118,7 @@ async fn world(pool: PgPool, tweak: impl FnOnce(&mut GatewayConfig)) -> World {
         }),
     };
     store
-        .ingest(&[open("acme")], BatchMode::AllOrNothing, now)
+        .ingest(&[open("acme")], BatchMode::BestEffort, now)
         .await
         .unwrap();
     let decisions = DecisionCache::new();
@@ -160,6 +168,7 @@ async fn world(pool: PgPool, tweak: impl FnOnce(&mut GatewayConfig)) -> World {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, proxy::router(Arc::new(gw))).await });
     World {
+        mock_addr,
         base: format!("http://{addr}"),
         http: reqwest::Client::new(),
         mock,
@@ -526,4 +535,74 @@ async fn anthropic_messages_stream_is_metered(pool: PgPool) {
     assert_eq!(events[0]["tokens"]["output"], 16);
     assert!(events[0]["tokens"]["input"].as_i64().unwrap() > 0);
     let _ = ApiShape::Anthropic;
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn custom_providers_cannot_reach_private_addresses_unless_allow_listed(pool: PgPool) {
+    let w = world(pool.clone(), |_| {}).await;
+    let port = w.mock_addr.port();
+    w.creds
+        .1
+        .lock()
+        .unwrap()
+        .insert("ollama".into(), format!("http://127.0.0.1:{port}/v1"));
+    w.creds
+        .1
+        .lock()
+        .unwrap()
+        .insert("byname".into(), format!("http://localhost:{port}/v1"));
+    w.creds
+        .set("acme", "ollama", &[("ollama-key", CredentialKind::Byok)]);
+    w.creds
+        .set("acme", "byname", &[("byname-key", CredentialKind::Byok)]);
+    let (s, b) = w.chat(chat_body("ollama:llama3")).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (403, Some("egress_refused")),
+        "{b}"
+    );
+    // A host name is checked where it matters: on the addresses it resolves to, at connect time.
+    let (s, b) = w.chat(chat_body("byname:llama3")).await;
+    assert_eq!(s, 502, "{b}");
+    assert_eq!(
+        w.mock.total_calls(),
+        0,
+        "nothing reached the private address"
+    );
+
+    let allowed = world(pool, |c| {
+        c.custom_provider_allowlist = vec!["127.0.0.1".into(), "localhost".into()]
+    })
+    .await;
+    let port = allowed.mock_addr.port();
+    allowed
+        .creds
+        .1
+        .lock()
+        .unwrap()
+        .insert("ollama".into(), format!("http://127.0.0.1:{port}/v1"));
+    allowed
+        .creds
+        .1
+        .lock()
+        .unwrap()
+        .insert("byname".into(), format!("http://localhost:{port}/v1"));
+    allowed
+        .creds
+        .set("acme", "ollama", &[("ollama-key", CredentialKind::Byok)]);
+    allowed
+        .creds
+        .set("acme", "byname", &[("byname-key", CredentialKind::Byok)]);
+    let (s, b) = allowed.chat(chat_body("ollama:llama3")).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = allowed.chat(chat_body("byname:llama3")).await;
+    assert_eq!(s, 200, "{b}");
+    // Custom providers never use managed keys.
+    allowed.creds.set("acme", "ollama", &[]);
+    let (s, b) = allowed.chat(chat_body("ollama:llama3")).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (502, Some("no_provider_key")),
+        "{b}"
+    );
 }
