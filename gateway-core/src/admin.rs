@@ -15,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, St
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret as _, SecretString};
@@ -112,6 +112,10 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/v1/accounts/{account_id}/custom-providers",
             post(create_custom_provider).get(list_custom_providers),
+        )
+        .route(
+            "/v1/accounts/{account_id}/gateway-policy",
+            get(get_policy).put(put_policy),
         )
         .layer(DefaultBodyLimit::max(MAX_ADMIN_BODY_BYTES))
         .with_state(state)
@@ -962,6 +966,68 @@ async fn list_custom_providers(
     .fetch_all(&s.pool)
     .await?;
     Ok(Json(CustomProviderList { custom_providers }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyBody {
+    byok_failure_policy: String,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct PolicyView {
+    account_id: String,
+    byok_failure_policy: String,
+    updated_at: Option<DateTime<Utc>>,
+}
+
+async fn get_policy(
+    State(s): State<AdminState>,
+    AdminPath(account_id): AdminPath<String>,
+) -> Result<Json<PolicyView>, AdminError> {
+    ensure_account(&s.pool, &account_id).await?;
+    let row: Option<PolicyView> = sqlx::query_as(
+        "select account_id, byok_failure_policy, updated_at from gateway_policy where account_id = $1",
+    )
+    .bind(&account_id)
+    .fetch_optional(&s.pool)
+    .await?;
+    Ok(Json(row.unwrap_or(PolicyView {
+        account_id,
+        byok_failure_policy: "strict".into(),
+        updated_at: None,
+    })))
+}
+
+async fn put_policy(
+    State(s): State<AdminState>,
+    AdminPath(account_id): AdminPath<String>,
+    AdminJson(body): AdminJson<PolicyBody>,
+) -> Result<Json<PolicyView>, AdminError> {
+    ensure_account(&s.pool, &account_id).await?;
+    if !matches!(
+        body.byok_failure_policy.as_str(),
+        "strict" | "fallback_to_managed"
+    ) {
+        return Err(AdminError::invalid(
+            "byok_failure_policy",
+            "must be \"strict\" or \"fallback_to_managed\"",
+        ));
+    }
+    let view: PolicyView = sqlx::query_as(
+        "insert into gateway_policy (account_id, byok_failure_policy, updated_at) values ($1, $2, $3)
+         on conflict (account_id) do update
+             set byok_failure_policy = excluded.byok_failure_policy, updated_at = excluded.updated_at
+         returning account_id, byok_failure_policy, updated_at",
+    )
+    .bind(&account_id)
+    .bind(&body.byok_failure_policy)
+    .bind(s.now())
+    .fetch_one(&s.pool)
+    .await?;
+    s.reload().await;
+    tracing::info!(account_id = %account_id, policy = %view.byok_failure_policy, "gateway policy set");
+    Ok(Json(view))
 }
 
 fn constraint(e: &sqlx::Error) -> Option<&str> {

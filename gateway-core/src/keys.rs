@@ -222,6 +222,8 @@ struct AccountEntry {
 pub struct Snapshot {
     keys: HashMap<String, KeyEntry>,
     accounts: HashMap<String, AccountEntry>,
+    /// Accounts whose BYOK failure policy is `fallback_to_managed`; every other is strict.
+    fallback_to_managed: std::collections::HashSet<String>,
 }
 
 impl Snapshot {
@@ -364,6 +366,11 @@ impl KeyRing {
         self.current.load().custom_provider(account_id, provider_id)
     }
 
+    /// Whether managed keys may follow an account's failed BYOK or attached keys.
+    pub fn byok_fallback_to_managed(&self, account_id: &str) -> bool {
+        self.current.load().fallback_to_managed.contains(account_id)
+    }
+
     /// Rebuilds the snapshot from the database, in one read-only repeatable-read transaction so
     /// keys and credentials come from the same moment. Credentials are opened here, once.
     pub async fn reload(&self, pool: &PgPool) -> Result<ReloadReport, KeyRingError> {
@@ -391,8 +398,14 @@ impl KeyRing {
         )
         .fetch_all(&mut *tx)
         .await?;
+        let fallback: Vec<String> = sqlx::query_scalar(
+            "select account_id from gateway_policy where byok_failure_policy = 'fallback_to_managed'",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        let (snapshot, report) = build_snapshot(&self.kek, keys, credentials, custom);
+        let (mut snapshot, report) = build_snapshot(&self.kek, keys, credentials, custom);
+        snapshot.fallback_to_managed = fallback.into_iter().collect();
         self.current.store(Arc::new(snapshot));
         tracing::debug!(
             keys = report.keys,

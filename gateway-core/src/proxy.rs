@@ -71,6 +71,11 @@ pub trait CredentialSource: Send + Sync + std::fmt::Debug {
         provider: &str,
     ) -> Vec<Arc<UpstreamKey>>;
     fn custom_provider(&self, account_id: &str, provider: &str) -> Option<CustomProvider>;
+    /// The account's BYOK failure policy: `false` (strict, the default) never uses managed keys
+    /// for a provider the customer has keys for.
+    fn byok_fallback_to_managed(&self, _account_id: &str) -> bool {
+        false
+    }
 }
 
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -485,16 +490,20 @@ async fn handle_inner(
                 &ctx.caller.api_key_id,
                 &cand.provider,
             );
-            if !customer.is_empty() || cand.custom {
-                customer
-            } else if gw.decisions.allow_managed(&ctx.caller.account_id, gw.now()) {
-                gw.managed_keys(&cand.provider).to_vec()
-            } else {
-                if !gw.managed_keys(&cand.provider).is_empty() {
+            let managed_allowed = !cand.custom
+                && (customer.is_empty()
+                    || gw
+                        .credentials
+                        .byok_fallback_to_managed(&ctx.caller.account_id));
+            let mut keys = customer;
+            if managed_allowed && !gw.managed_keys(&cand.provider).is_empty() {
+                if gw.decisions.allow_managed(&ctx.caller.account_id, gw.now()) {
+                    keys.extend(gw.managed_keys(&cand.provider).iter().cloned());
+                } else if keys.is_empty() {
                     denied_for_credits = true;
                 }
-                Vec::new()
             }
+            keys
         };
         if keys.is_empty() && !denied_for_credits {
             last_error.get_or_insert(GatewayError::NoCredentials(cand.provider.clone()));
@@ -953,6 +962,10 @@ impl Authenticator for crate::keys::KeyRing {
 }
 
 impl CredentialSource for crate::keys::KeyRing {
+    fn byok_fallback_to_managed(&self, account_id: &str) -> bool {
+        crate::keys::KeyRing::byok_fallback_to_managed(self, account_id)
+    }
+
     fn credentials_for(
         &self,
         account_id: &str,

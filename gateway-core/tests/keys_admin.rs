@@ -903,3 +903,48 @@ async fn bad_input_is_refused_with_a_code(pool: PgPool) {
     let (_, creds, _) = h.get("/v1/accounts/acme/provider-keys").await;
     assert_eq!(creds["provider_keys"], json!([]));
 }
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn byok_failure_policy_is_strict_until_set(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let (status, body, _) = h.get("/v1/accounts/acme/gateway-policy").await;
+    assert_eq!(
+        (status, body["byok_failure_policy"].as_str()),
+        (StatusCode::OK, Some("strict")),
+        "{body}"
+    );
+    assert!(!h.ring.byok_fallback_to_managed("acme"));
+    let (status, body, _) = h
+        .send(
+            Method::PUT,
+            "/v1/accounts/acme/gateway-policy",
+            Some(&json!({"byok_failure_policy": "fallback_to_managed"}).to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        h.ring.byok_fallback_to_managed("acme"),
+        "the snapshot follows at once"
+    );
+    assert!(!h.ring.byok_fallback_to_managed("globex"));
+    let (status, body, _) = h
+        .send(
+            Method::PUT,
+            "/v1/accounts/acme/gateway-policy",
+            Some(&json!({"byok_failure_policy": "sometimes"}).to_string()),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, body, _) = h
+        .send(
+            Method::PUT,
+            "/v1/accounts/nobody/gateway-policy",
+            Some(&json!({"byok_failure_policy": "strict"}).to_string()),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "account_not_found");
+    assert!(
+        h.ring.byok_fallback_to_managed("acme"),
+        "refused writes change nothing"
+    );
+}

@@ -39,7 +39,11 @@ impl Authenticator for StaticAuth {
 type KeysByAccountProvider = HashMap<(String, String), Vec<Arc<UpstreamKey>>>;
 
 #[derive(Debug, Default)]
-struct StaticCreds(Mutex<KeysByAccountProvider>, Mutex<HashMap<String, String>>);
+struct StaticCreds(
+    Mutex<KeysByAccountProvider>,
+    Mutex<HashMap<String, String>>,
+    std::sync::atomic::AtomicBool,
+);
 
 impl StaticCreds {
     fn set(&self, account: &str, provider: &str, keys: &[(&str, CredentialKind)]) {
@@ -65,6 +69,10 @@ impl StaticCreds {
 }
 
 impl CredentialSource for StaticCreds {
+    fn byok_fallback_to_managed(&self, _account_id: &str) -> bool {
+        self.2.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn credentials_for(
         &self,
         account_id: &str,
@@ -605,4 +613,27 @@ async fn custom_providers_cannot_reach_private_addresses_unless_allow_listed(poo
         (502, Some("no_provider_key")),
         "{b}"
     );
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn byok_failure_policy_strict_or_fallback_to_managed(pool: PgPool) {
+    let w = world(pool, |_| {}).await;
+    w.buy(1000).await;
+    w.creds
+        .set("acme", "openai", &[("sk-dead", CredentialKind::Byok)]);
+    w.mock.set_behavior("sk-dead", MockBehavior::status(401));
+    // Strict (the default): the customer's failing key is not replaced by the platform's.
+    let (s, b) = w.chat(chat_body("gpt-4o")).await;
+    assert_eq!(s, 502, "{b}");
+    assert_eq!(w.mock.calls(MANAGED_OPENAI), 0);
+    w.creds.2.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (s, b) = w.chat(chat_body("gpt-4o")).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(w.mock.calls(MANAGED_OPENAI), 1);
+    let events = w.usage_events(3).await;
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["credential_kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["byok", "byok", "managed"]);
 }
