@@ -65,11 +65,14 @@ impl Stack {
                 let addr = listener.local_addr()?;
                 let c = Arc::clone(&clock);
                 let admin_clock: admin::Clock = Arc::new(move || c.now());
-                let admin = admin::router(AdminState::new(
-                    store.pool().clone(),
-                    Arc::clone(&runtime.keyring),
-                    admin_clock,
-                ));
+                let admin = admin::router(
+                    AdminState::new(
+                        store.pool().clone(),
+                        Arc::clone(&runtime.keyring),
+                        admin_clock,
+                    )
+                    .with_gateway(Arc::clone(&runtime.gateway)),
+                );
                 let state = AppState {
                     store: Arc::clone(&store),
                     clock: Arc::clone(&clock),

@@ -58,6 +58,8 @@ pub struct AdminState {
     /// Also holds the key-encryption key used to seal provider keys.
     pub keyring: Arc<KeyRing>,
     pub clock: Clock,
+    /// Checks provider keys against their provider; absent where no gateway runs.
+    pub gateway: Option<Arc<crate::proxy::Gateway>>,
 }
 
 impl fmt::Debug for AdminState {
@@ -75,7 +77,14 @@ impl AdminState {
             pool,
             keyring,
             clock,
+            gateway: None,
         }
+    }
+
+    /// Lets `POST .../provider-keys/validate` reach providers the way the gateway does.
+    pub fn with_gateway(mut self, gateway: Arc<crate::proxy::Gateway>) -> AdminState {
+        self.gateway = Some(gateway);
+        self
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -112,6 +121,10 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/v1/accounts/{account_id}/custom-providers",
             post(create_custom_provider).get(list_custom_providers),
+        )
+        .route(
+            "/v1/accounts/{account_id}/provider-keys/validate",
+            post(check_provider_key),
         )
         .route(
             "/v1/accounts/{account_id}/gateway-policy",
@@ -966,6 +979,36 @@ async fn list_custom_providers(
     .fetch_all(&s.pool)
     .await?;
     Ok(Json(CustomProviderList { custom_providers }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValidateProviderKey {
+    provider: String,
+    #[serde(deserialize_with = "secret_string")]
+    api_key: SecretString,
+}
+
+/// Asks the provider (its models list) whether a key works, before the customer saves it.
+async fn check_provider_key(
+    State(s): State<AdminState>,
+    AdminPath(account_id): AdminPath<String>,
+    AdminJson(body): AdminJson<ValidateProviderKey>,
+) -> Result<Json<crate::proxy::KeyCheck>, AdminError> {
+    ensure_account(&s.pool, &account_id).await?;
+    validate_provider_id("provider", &body.provider)?;
+    validate_provider_key(&body.api_key)?;
+    let Some(gateway) = &s.gateway else {
+        return Err(AdminError::invalid(
+            "provider",
+            "key validation needs the gateway role in this process",
+        ));
+    };
+    let check = gateway
+        .check_key(&account_id, &body.provider, &body.api_key)
+        .await
+        .map_err(|reason| AdminError::invalid("provider", reason))?;
+    Ok(Json(check))
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tally_ledger::event::{TokenCounts, TokenSource, Usage};
 use tally_ledger::{CredentialKind, Event, EventBody};
@@ -183,6 +183,73 @@ impl Gateway {
             .find(|(p, _)| p == provider)
             .map(|(_, k)| k.as_slice())
             .unwrap_or(&[])
+    }
+}
+
+/// The outcome of checking a provider key against its provider.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyCheck {
+    pub provider: String,
+    /// `valid`, `invalid` (the provider refused the key) or `unreachable`.
+    pub result: &'static str,
+    /// The provider's HTTP status, when it answered.
+    pub status: Option<u16>,
+}
+
+/// How long a key check may wait for the provider.
+pub const KEY_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Gateway {
+    /// Lists the provider's models with `key`, through the same base URLs and egress guard as
+    /// traffic. `Err` names why the provider cannot be checked at all.
+    pub async fn check_key(
+        &self,
+        account_id: &str,
+        provider: &str,
+        key: &SecretString,
+    ) -> Result<KeyCheck, String> {
+        let (base, shape, client) = match catalog::provider(provider) {
+            Some(p) => (
+                self.config
+                    .base_url(provider)
+                    .unwrap_or_else(|| p.base_url.to_string()),
+                p.shape,
+                &self.http,
+            ),
+            None => match self.credentials.custom_provider(account_id, provider) {
+                Some(c) => {
+                    crate::egress::check_url(&self.egress, &c.base_url)?;
+                    (c.base_url, c.shape, &self.custom_http)
+                }
+                None => return Err(format!("unknown provider '{provider}'")),
+            },
+        };
+        let url = format!("{}/models", base.trim_end_matches('/'));
+        let req = match shape {
+            ApiShape::OpenAi => client.get(url).bearer_auth(key.expose_secret()),
+            ApiShape::Anthropic => client
+                .get(url)
+                .header("x-api-key", key.expose_secret())
+                .header("anthropic-version", DEFAULT_ANTHROPIC_VERSION),
+        };
+        let answered = tokio::time::timeout(KEY_CHECK_TIMEOUT, req.send()).await;
+        let (result, status) = match answered {
+            Ok(Ok(r)) => {
+                let status = r.status().as_u16();
+                let result = match status {
+                    200..=299 => "valid",
+                    401 | 403 => "invalid",
+                    _ => "unreachable",
+                };
+                (result, Some(status))
+            }
+            Ok(Err(_)) | Err(_) => ("unreachable", None),
+        };
+        Ok(KeyCheck {
+            provider: provider.to_string(),
+            result,
+            status,
+        })
     }
 }
 
