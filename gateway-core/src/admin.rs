@@ -126,6 +126,11 @@ pub fn router(state: AdminState) -> Router {
             "/v1/accounts/{account_id}/provider-keys/validate",
             post(check_provider_key),
         )
+        .route("/v1/accounts/{account_id}/routes", get(list_routes))
+        .route(
+            "/v1/accounts/{account_id}/routes/{name}",
+            put(put_route).delete(delete_route),
+        )
         .route(
             "/v1/accounts/{account_id}/gateway-policy",
             get(get_policy).put(put_policy),
@@ -159,6 +164,8 @@ pub enum AdminError {
     KeyRevoked(String),
     #[error("provider key '{0}' does not exist")]
     CredentialNotFound(String),
+    #[error("route '{0}' not found")]
+    RouteNotFound(String),
     #[error("custom provider '{0}' already exists")]
     CustomProviderExists(String),
     #[error("an account may have at most {limit} {what}")]
@@ -208,6 +215,7 @@ impl AdminError {
             E::KeyNotFound(_) => (StatusCode::NOT_FOUND, "key_not_found", shown()),
             E::KeyRevoked(_) => (StatusCode::CONFLICT, "key_revoked", shown()),
             E::CredentialNotFound(_) => (StatusCode::NOT_FOUND, "credential_not_found", shown()),
+            E::RouteNotFound(_) => (StatusCode::NOT_FOUND, "route_not_found", shown()),
             E::CustomProviderExists(_) => (StatusCode::CONFLICT, "custom_provider_exists", shown()),
             E::LimitReached { .. } => (StatusCode::CONFLICT, "limit_reached", shown()),
             E::Database(e) | E::Store(StoreError::Database(e)) if is_unavailable(e) => (
@@ -979,6 +987,81 @@ async fn list_custom_providers(
     .fetch_all(&s.pool)
     .await?;
     Ok(Json(CustomProviderList { custom_providers }))
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct RouteView {
+    name: String,
+    mode: String,
+    targets: Value,
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize)]
+struct RouteList {
+    routes: Vec<RouteView>,
+}
+
+async fn list_routes(
+    State(s): State<AdminState>,
+    AdminPath(account_id): AdminPath<String>,
+) -> Result<Json<RouteList>, AdminError> {
+    ensure_account(&s.pool, &account_id).await?;
+    let routes: Vec<RouteView> = sqlx::query_as(
+        "select name, mode, targets, updated_at from model_route where account_id = $1 order by name",
+    )
+    .bind(&account_id)
+    .fetch_all(&s.pool)
+    .await?;
+    Ok(Json(RouteList { routes }))
+}
+
+/// Creates or replaces a route; it applies to the next request.
+async fn put_route(
+    State(s): State<AdminState>,
+    AdminPath((account_id, name)): AdminPath<(String, String)>,
+    AdminJson(route): AdminJson<crate::routes::Route>,
+) -> Result<Json<RouteView>, AdminError> {
+    ensure_account(&s.pool, &account_id).await?;
+    route
+        .validate(&name)
+        .map_err(|reason| AdminError::invalid("route", reason))?;
+    let targets = serde_json::to_value(&route.targets)
+        .map_err(|e| AdminError::InvalidRequest(e.to_string()))?;
+    let view: RouteView = sqlx::query_as(
+        "insert into model_route (account_id, name, mode, targets, updated_at) values ($1, $2, $3, $4, $5)
+         on conflict (account_id, name) do update
+             set mode = excluded.mode, targets = excluded.targets, updated_at = excluded.updated_at
+         returning name, mode, targets, updated_at",
+    )
+    .bind(&account_id)
+    .bind(&name)
+    .bind(route.mode.as_str())
+    .bind(&targets)
+    .bind(s.now())
+    .fetch_one(&s.pool)
+    .await?;
+    s.reload().await;
+    tracing::info!(account_id = %account_id, route = %name, "route set");
+    Ok(Json(view))
+}
+
+async fn delete_route(
+    State(s): State<AdminState>,
+    AdminPath((account_id, name)): AdminPath<(String, String)>,
+) -> Result<StatusCode, AdminError> {
+    ensure_account(&s.pool, &account_id).await?;
+    let deleted = sqlx::query("delete from model_route where account_id = $1 and name = $2")
+        .bind(&account_id)
+        .bind(&name)
+        .execute(&s.pool)
+        .await?
+        .rows_affected();
+    if deleted == 0 {
+        return Err(AdminError::RouteNotFound(name));
+    }
+    s.reload().await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]

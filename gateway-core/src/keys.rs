@@ -224,6 +224,8 @@ pub struct Snapshot {
     accounts: HashMap<String, AccountEntry>,
     /// Accounts whose BYOK failure policy is `fallback_to_managed`; every other is strict.
     fallback_to_managed: std::collections::HashSet<String>,
+    /// (account, logical name) → route.
+    routes: HashMap<(String, String), Arc<crate::routes::Route>>,
 }
 
 impl Snapshot {
@@ -366,6 +368,14 @@ impl KeyRing {
         self.current.load().custom_provider(account_id, provider_id)
     }
 
+    pub fn route(&self, account_id: &str, name: &str) -> Option<Arc<crate::routes::Route>> {
+        self.current
+            .load()
+            .routes
+            .get(&(account_id.to_string(), name.to_string()))
+            .cloned()
+    }
+
     /// Whether managed keys may follow an account's failed BYOK or attached keys.
     pub fn byok_fallback_to_managed(&self, account_id: &str) -> bool {
         self.current.load().fallback_to_managed.contains(account_id)
@@ -403,9 +413,28 @@ impl KeyRing {
         )
         .fetch_all(&mut *tx)
         .await?;
+        let routes: Vec<(String, String, String, serde_json::Value)> =
+            sqlx::query_as("select account_id, name, mode, targets from model_route")
+                .fetch_all(&mut *tx)
+                .await?;
         tx.commit().await?;
         let (mut snapshot, report) = build_snapshot(&self.kek, keys, credentials, custom);
         snapshot.fallback_to_managed = fallback.into_iter().collect();
+        for (account_id, name, mode, targets) in routes {
+            let parsed = crate::routes::RouteMode::parse(&mode).and_then(|mode| {
+                serde_json::from_value(targets)
+                    .ok()
+                    .map(|targets| crate::routes::Route { mode, targets })
+            });
+            match parsed {
+                Some(route) => {
+                    snapshot.routes.insert((account_id, name), Arc::new(route));
+                }
+                None => {
+                    tracing::error!(account_id = %account_id, route = %name, "stored route does not parse; ignored")
+                }
+            }
+        }
         self.current.store(Arc::new(snapshot));
         tracing::debug!(
             keys = report.keys,

@@ -7,6 +7,7 @@
 //! - [`config`]: restrictions, timeouts, managed keys, base URL overrides.
 //! - [`proxy`]: authentication, model resolution, credential order, enforcement, failover and
 //!   metering, for `/v1/chat/completions`, `/v1/messages` and `/v1/models`.
+//! - [`routes`]: logical model names resolving to fallback chains or weighted splits.
 //! - [`decisions`]: the in-memory enforcement cache the request path reads.
 //! - [`sink`]: where usage events go ([`sink::EventSink`]); in process by default.
 //! - [`tokens`]: tiktoken estimates when a provider reports no usage.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod keys;
 pub mod mock;
 pub mod proxy;
+pub mod routes;
 pub mod secrets;
 pub mod sink;
 pub mod tokens;

@@ -25,6 +25,7 @@ use crate::config::GatewayConfig;
 use crate::decisions::DecisionCache;
 use crate::egress::{EgressPolicy, GuardedResolver};
 use crate::error::GatewayError;
+use crate::routes::CredentialChoice;
 use crate::sink::EventSink;
 use crate::tokens;
 
@@ -75,6 +76,10 @@ pub trait CredentialSource: Send + Sync + std::fmt::Debug {
     /// for a provider the customer has keys for.
     fn byok_fallback_to_managed(&self, _account_id: &str) -> bool {
         false
+    }
+    /// The account's route of this logical model name, if it has one.
+    fn route(&self, _account_id: &str, _name: &str) -> Option<Arc<crate::routes::Route>> {
+        None
     }
 }
 
@@ -359,6 +364,8 @@ struct Candidate {
     base_url: String,
     shape: ApiShape,
     custom: bool,
+    /// Pinned by a route target; `Any` otherwise.
+    choice: CredentialChoice,
 }
 
 /// The candidates of a request, in order: the `models` array when given, else `model`.
@@ -392,12 +399,28 @@ fn candidates(
     }
     let mut out: Vec<Candidate> = Vec::new();
     let mut first_error = None;
+    let mut expanded: Vec<(String, CredentialChoice)> = Vec::new();
     for name in names {
+        match gw.credentials.route(&caller.account_id, &name) {
+            Some(route) => {
+                let roll: f64 = rand::random();
+                expanded.extend(
+                    route
+                        .order(roll)
+                        .into_iter()
+                        .map(|t| (t.model.clone(), t.credential)),
+                );
+            }
+            None => expanded.push((name, CredentialChoice::Any)),
+        }
+    }
+    for (name, choice) in expanded {
         match resolve(gw, caller, &name, client_shape) {
-            Ok(c) => {
+            Ok(mut c) => {
+                c.choice = choice;
                 if !out
                     .iter()
-                    .any(|o| o.provider == c.provider && o.model == c.model)
+                    .any(|o| o.provider == c.provider && o.model == c.model && o.choice == c.choice)
                 {
                     out.push(c);
                 }
@@ -475,6 +498,7 @@ fn resolve(
         base_url,
         shape,
         custom,
+        choice: CredentialChoice::Any,
     })
 }
 
@@ -557,11 +581,17 @@ async fn handle_inner(
                 &ctx.caller.api_key_id,
                 &cand.provider,
             );
-            let managed_allowed = !cand.custom
-                && (customer.is_empty()
-                    || gw
-                        .credentials
-                        .byok_fallback_to_managed(&ctx.caller.account_id));
+            let (customer, managed_allowed) = match cand.choice {
+                CredentialChoice::Any => {
+                    let fallback = customer.is_empty()
+                        || gw
+                            .credentials
+                            .byok_fallback_to_managed(&ctx.caller.account_id);
+                    (customer, !cand.custom && fallback)
+                }
+                CredentialChoice::Byok => (customer, false),
+                CredentialChoice::Managed => (Vec::new(), !cand.custom),
+            };
             let mut keys = customer;
             if managed_allowed && !gw.managed_keys(&cand.provider).is_empty() {
                 if gw.decisions.allow_managed(&ctx.caller.account_id, gw.now()) {
@@ -1029,6 +1059,10 @@ impl Authenticator for crate::keys::KeyRing {
 }
 
 impl CredentialSource for crate::keys::KeyRing {
+    fn route(&self, account_id: &str, name: &str) -> Option<Arc<crate::routes::Route>> {
+        crate::keys::KeyRing::route(self, account_id, name)
+    }
+
     fn byok_fallback_to_managed(&self, account_id: &str) -> bool {
         crate::keys::KeyRing::byok_fallback_to_managed(self, account_id)
     }

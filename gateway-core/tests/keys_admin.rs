@@ -948,3 +948,58 @@ async fn byok_failure_policy_is_strict_until_set(pool: PgPool) {
         "refused writes change nothing"
     );
 }
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn routes_are_stored_validated_and_served_from_the_snapshot(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let route = json!({"mode": "fallback", "targets": [
+        {"model": "anthropic:claude-sonnet-4-5", "credential": "byok", "priority": 0},
+        {"model": "openai:gpt-4o", "credential": "managed", "priority": 1}
+    ]});
+    let (status, body, _) = h
+        .send(
+            Method::PUT,
+            "/v1/accounts/acme/routes/smart",
+            Some(&route.to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let r = h
+        .ring
+        .route("acme", "smart")
+        .expect("in the snapshot at once");
+    assert_eq!(r.targets.len(), 2);
+    assert!(h.ring.route("globex", "smart").is_none());
+    let (status, body, _) = h.get("/v1/accounts/acme/routes").await;
+    assert_eq!(
+        (status, body["routes"][0]["name"].as_str()),
+        (StatusCode::OK, Some("smart")),
+        "{body}"
+    );
+    let dup = json!({"mode": "fallback", "targets": [{"model": "a:x"}, {"model": "b:y"}]});
+    let (status, body, _) = h
+        .send(
+            Method::PUT,
+            "/v1/accounts/acme/routes/bad",
+            Some(&dup.to_string()),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, body, _) = h
+        .send(
+            Method::PUT,
+            "/v1/accounts/acme/routes/bad",
+            Some(r#"{"mode":"fallback","targets":[],"x":1}"#),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, _, _) = h
+        .send(Method::DELETE, "/v1/accounts/acme/routes/smart", None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(h.ring.route("acme", "smart").is_none());
+    let (status, body, _) = h
+        .send(Method::DELETE, "/v1/accounts/acme/routes/smart", None)
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "route_not_found");
+}

@@ -43,6 +43,7 @@ struct StaticCreds(
     Mutex<KeysByAccountProvider>,
     Mutex<HashMap<String, String>>,
     std::sync::atomic::AtomicBool,
+    Mutex<HashMap<String, Arc<tally_gateway_core::routes::Route>>>,
 );
 
 impl StaticCreds {
@@ -69,6 +70,14 @@ impl StaticCreds {
 }
 
 impl CredentialSource for StaticCreds {
+    fn route(
+        &self,
+        _account_id: &str,
+        name: &str,
+    ) -> Option<Arc<tally_gateway_core::routes::Route>> {
+        self.3.lock().unwrap().get(name).cloned()
+    }
+
     fn byok_fallback_to_managed(&self, _account_id: &str) -> bool {
         self.2.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -636,4 +645,116 @@ async fn byok_failure_policy_strict_or_fallback_to_managed(pool: PgPool) {
         .map(|e| e["credential_kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["byok", "byok", "managed"]);
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn routes_resolve_logical_names_to_byok_primary_and_managed_secondary(pool: PgPool) {
+    use tally_gateway_core::routes::{CredentialChoice, Route, RouteMode, RouteTarget};
+    let w = world(pool, |_| {}).await;
+    w.buy(1000).await;
+    w.creds.set(
+        "acme",
+        "anthropic",
+        &[("sk-ant-byok", CredentialKind::Byok)],
+    );
+    w.creds.set(
+        "acme",
+        "openai",
+        &[("sk-openai-byok", CredentialKind::Byok)],
+    );
+    let route = Route {
+        mode: RouteMode::Fallback,
+        targets: vec![
+            RouteTarget {
+                model: "openai:gpt-4o".into(),
+                credential: CredentialChoice::Managed,
+                priority: 1,
+                weight: 1,
+            },
+            RouteTarget {
+                model: "openai:gpt-4o-mini".into(),
+                credential: CredentialChoice::Byok,
+                priority: 0,
+                weight: 1,
+            },
+        ],
+    };
+    w.creds
+        .3
+        .lock()
+        .unwrap()
+        .insert("smart".into(), Arc::new(route));
+    // Priority 0 (BYOK) serves while it works.
+    let (s, b) = w.chat(chat_body("smart")).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(w.mock.calls("sk-openai-byok"), 1);
+    // When the BYOK account fails, the platform-managed target takes over, even though the
+    // account has a BYOK key for openai (the target pins the credential kind).
+    w.mock
+        .set_behavior("sk-openai-byok", MockBehavior::status(429));
+    let (s, b) = w.chat(chat_body("smart")).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(w.mock.calls(MANAGED_OPENAI), 1);
+    let events = w.usage_events(3).await;
+    let seen: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["model"].as_str().unwrap(),
+                e["credential_kind"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("gpt-4o-mini", "byok"),
+            ("gpt-4o-mini", "byok"),
+            ("gpt-4o", "managed")
+        ]
+    );
+
+    // A split sends traffic to both targets by weight.
+    let split = Route {
+        mode: RouteMode::Split,
+        targets: vec![
+            RouteTarget {
+                model: "openai:gpt-4o".into(),
+                credential: CredentialChoice::Managed,
+                priority: 0,
+                weight: 1,
+            },
+            RouteTarget {
+                model: "openai:gpt-4o-mini".into(),
+                credential: CredentialChoice::Managed,
+                priority: 0,
+                weight: 1,
+            },
+        ],
+    };
+    w.creds
+        .3
+        .lock()
+        .unwrap()
+        .insert("half".into(), Arc::new(split));
+    for _ in 0..40 {
+        let (s, _) = w.chat(chat_body("half")).await;
+        assert_eq!(s, 200);
+    }
+    let models: Vec<String> = w
+        .mock
+        .requests()
+        .iter()
+        .rev()
+        .take(40)
+        .filter_map(|r| r.model.clone())
+        .collect();
+    let mini = models
+        .iter()
+        .filter(|m| m.as_str() == "gpt-4o-mini")
+        .count();
+    assert!(
+        (5..=35).contains(&mini),
+        "both targets get traffic: {mini} of 40"
+    );
 }
