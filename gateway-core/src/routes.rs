@@ -110,7 +110,7 @@ impl Route {
         match self.mode {
             RouteMode::Fallback => targets.sort_by_key(|t| t.priority),
             RouteMode::Split => {
-                targets.sort_by(|a, b| b.weight.cmp(&a.weight));
+                targets.sort_by_key(|t| std::cmp::Reverse(t.weight));
                 let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
                 // Weights are small integers; the float only picks a slot among them.
                 let mut point = (roll.clamp(0.0, 0.999_999) * total as f64) as u64;
