@@ -156,3 +156,35 @@ pub async fn serve(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GatewaySettings;
+    use tally_gateway_core::config::GatewayConfig;
+
+    fn settings(kek: Option<&str>) -> GatewaySettings {
+        GatewaySettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            config: GatewayConfig::default(),
+            kek: kek.map(|k| secrecy::SecretString::from(k.to_string())),
+        }
+    }
+
+    #[test]
+    fn serve_refuses_to_start_without_a_kek_and_never_echoes_a_bad_one() {
+        let err = kek(&settings(None), false).unwrap_err().to_string();
+        assert!(err.contains("TALLY_KEK is required"), "{err}");
+        assert!(
+            kek(&settings(None), true).is_ok(),
+            "the demo may use its throwaway key"
+        );
+        let err = format!(
+            "{:#}",
+            kek(&settings(Some("not-base64-secret-value")), false).unwrap_err()
+        );
+        assert!(!err.contains("not-base64-secret-value"), "{err}");
+        let good = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        assert!(kek(&settings(Some(good)), false).is_ok());
+    }
+}

@@ -758,3 +758,53 @@ async fn routes_resolve_logical_names_to_byok_primary_and_managed_secondary(pool
         "both targets get traffic: {mini} of 40"
     );
 }
+
+/// The same router in process (no gateway socket), driven with `tower::ServiceExt::oneshot`.
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn in_process_router_serves_and_meters(pool: PgPool) {
+    use tower::ServiceExt;
+    let (mock_addr, mock) = mock::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut config = GatewayConfig::default();
+    config
+        .base_url_overrides
+        .insert("openai".into(), format!("http://{mock_addr}/v1"));
+    let mut auth = StaticAuth::default();
+    auth.0.insert(
+        TOKEN.into(),
+        Caller {
+            account_id: "acme".into(),
+            endpoint_id: "default".into(),
+            api_key_id: "key_a".into(),
+        },
+    );
+    let creds = Arc::new(StaticCreds::default());
+    creds.set("acme", "openai", &[("sk-inproc", CredentialKind::Byok)]);
+    let sink = Arc::new(tally_gateway_core::sink::MemorySink::default());
+    let gw = Gateway::new(
+        config,
+        Arc::new(auth),
+        creds,
+        DecisionCache::new(),
+        sink.clone(),
+        Arc::new(Utc::now),
+    )
+    .unwrap();
+    let app = proxy::router(Arc::new(gw));
+    let req = axum::http::Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(chat_body("gpt-4o").to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(mock.calls("sk-inproc"), 1);
+    let events = sink.0.lock().unwrap().clone();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].account_id, "acme");
+    let req = axum::http::Request::get("/v1/models")
+        .header("x-api-key", "wrong")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    assert_eq!(app.oneshot(req).await.unwrap().status(), 401);
+    drop(pool);
+}
