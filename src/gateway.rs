@@ -149,11 +149,17 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let app = proxy::router(Arc::clone(&runtime.gateway));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.changed().await;
-        })
-        .await?;
+    axum::serve(
+        axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            // Small SSE frames must leave at once, not wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+        }),
+        app,
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop.changed().await;
+    })
+    .await?;
     Ok(())
 }
 

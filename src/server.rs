@@ -44,12 +44,18 @@ pub async fn run_with(
         Some(extra) => api::router(state).merge(extra),
         None => api::router(state),
     };
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
+    let served = axum::serve(
+        axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            // Small SSE frames must leave at once, not wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+        }),
+        app,
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
     let _ = sweeper.await;
     served?;
     Ok(())

@@ -439,7 +439,15 @@ pub async fn spawn(addr: SocketAddr) -> std::io::Result<(SocketAddr, Arc<MockSta
     let state = Arc::new(MockState::new());
     let app = router(state.clone());
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = axum::serve(
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                // Small SSE frames must leave at once, not wait for Nagle.
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .await
+        {
             tracing::warn!(error = %e, "mock provider stopped");
         }
     });

@@ -528,9 +528,17 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match handle_inner(&gw, shape, endpoint, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response_for(shape),
+    // On its own task: a client that hangs up while the provider works must not cancel the
+    // attempt half-way, or an upstream call the provider bills would go unmetered.
+    let task = tokio::spawn(async move { handle_inner(&gw, shape, endpoint, headers, body).await });
+    match task.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => e.into_response_for(shape),
+        Err(_) => GatewayError::Upstream {
+            status: 500,
+            message: "internal error".into(),
+        }
+        .into_response_for(shape),
     }
 }
 
@@ -1081,5 +1089,16 @@ impl CredentialSource for crate::keys::KeyRing {
             base_url: c.base_url.to_string(),
             shape: c.api_shape,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests_tls {
+    /// Real providers are https; a client built without TLS would refuse the scheme outright.
+    #[tokio::test]
+    async fn the_upstream_client_speaks_https() {
+        let client = reqwest::Client::builder().build().unwrap();
+        let err = client.get("https://127.0.0.1:9/").send().await.unwrap_err();
+        assert!(!err.is_builder(), "https must be supported: {err}");
     }
 }
