@@ -153,6 +153,10 @@ pub struct GatewayArgs {
     /// (comma-separated); everything else private, loopback, link-local or metadata is refused.
     #[arg(long, env = "TALLY_EGRESS_ALLOWLIST", value_delimiter = ',')]
     pub egress_allowlist: Vec<String>,
+    /// Model selection strategies, CEL over `ai.models`, separated by ';' and tried in order
+    /// (e.g. `ai.models.filter(m, m.metrics.global.latency.upstream_ms_avg < 1000)`).
+    #[arg(long, env = "TALLY_MODEL_STRATEGIES", value_delimiter = ';')]
+    pub model_strategies: Vec<String>,
     #[arg(long, env = "TALLY_PER_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
     pub per_request_timeout_secs: u64,
     #[arg(long, env = "TALLY_TOTAL_TIMEOUT_SECS", default_value_t = 360)]
@@ -181,6 +185,12 @@ impl GatewayArgs {
             per_request_timeout: Duration::from_secs(self.per_request_timeout_secs),
             total_timeout: Duration::from_secs(self.total_timeout_secs),
             custom_provider_allowlist: self.egress_allowlist.clone(),
+            strategies: self
+                .model_strategies
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
             ..GatewayConfig::default()
         };
         for (provider, keys) in [

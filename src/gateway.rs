@@ -21,6 +21,53 @@ use crate::config::GatewaySettings;
 /// Other instances' key and credential changes are picked up this often; this instance's own
 /// admin writes reload at once.
 pub const KEYRING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// The fleet-wide model metrics (`m.metrics.global.*`) are re-read from the ledger this often.
+pub const GLOBAL_METRICS_INTERVAL: Duration = Duration::from_secs(10);
+/// How far back the fleet-wide metrics look, in whole hours of the usage rollup.
+const GLOBAL_METRICS_WINDOW_HOURS: i64 = 1;
+
+/// Fleet-wide metrics from the ledger's hourly usage of every gateway: average upstream latency,
+/// error rate and output tokens per second per provider and model. Percentiles need the
+/// per-attempt feed of the Kafka pipeline and stay 0 here.
+pub async fn global_metrics(
+    pool: &sqlx::PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<tally_gateway_core::metrics::MetricsSnapshot, sqlx::Error> {
+    use tally_gateway_core::metrics::{LatencyView, MetricsView};
+    let since = now - chrono::Duration::hours(GLOBAL_METRICS_WINDOW_HOURS + 1);
+    let rows: Vec<(String, String, i64, i64, i64, i64)> = sqlx::query_as(
+        "select provider, model, sum(requests)::bigint, sum(failed_requests)::bigint,
+                sum(upstream_latency_ms_sum)::bigint, sum(output_tokens + reasoning_tokens)::bigint
+         from usage_hourly where hour >= $1 group by provider, model",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.2 > 0)
+        .map(|(provider, model, requests, failed, ms, out)| {
+            // Metrics for routing, not money: floats are fine here.
+            let avg = ms as f64 / requests as f64;
+            let view = MetricsView {
+                latency: LatencyView {
+                    upstream_ms_avg: avg,
+                    upstream_ms_p50: 0.0,
+                    upstream_ms_p95: 0.0,
+                },
+                error_rate: failed as f64 / requests as f64,
+                tokens_per_second: if ms > 0 {
+                    out as f64 / (ms as f64 / 1000.0)
+                } else {
+                    0.0
+                },
+                requests: u64::try_from(requests).unwrap_or(0),
+            };
+            ((provider, model), view)
+        })
+        .collect())
+}
+
 /// `last_used_at` of gateway keys is written this often, in one statement.
 pub const LAST_USED_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -83,6 +130,7 @@ pub async fn start(
         fn_clock,
     )?);
     spawn_loops(
+        Arc::clone(&gateway.global_metrics),
         pool,
         Arc::clone(&keyring),
         Arc::clone(&decisions),
@@ -98,6 +146,7 @@ pub async fn start(
 }
 
 fn spawn_loops(
+    global: Arc<tally_gateway_core::metrics::GlobalMetrics>,
     pool: sqlx::PgPool,
     keyring: Arc<KeyRing>,
     decisions: Arc<DecisionCache>,
@@ -123,6 +172,20 @@ fn spawn_loops(
             tokio::select! { _ = tick.tick() => {}, _ = stop_b.changed() => return }
             if let Err(e) = k.reload(&p).await {
                 tracing::warn!(error = %e, "key ring reload failed; serving the last snapshot");
+            }
+        }
+    });
+    let mut stop_d = stop.clone();
+    let (p, c, g) = (pool.clone(), Arc::clone(&clock), Arc::clone(&global));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(GLOBAL_METRICS_INTERVAL);
+        loop {
+            tokio::select! { _ = tick.tick() => {}, _ = stop_d.changed() => return }
+            match global_metrics(&p, c.now()).await {
+                Ok(m) => g.set(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "fleet metrics refresh failed; keeping the last ones")
+                }
             }
         }
     });

@@ -65,6 +65,20 @@ async fn demo_scenario_runs_end_to_end_over_http(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(unbalanced, 0);
+    // The fleet-wide metrics the strategies read come from the same ledger.
+    let global = tally::gateway::global_metrics(&pool, clock.now())
+        .await
+        .unwrap();
+    let openai = &global[&("openai".to_string(), "gpt-4o".to_string())];
+    assert!(
+        openai.requests >= 22 && openai.error_rate == 0.0,
+        "{openai:?}"
+    );
+    let anthropic = &global[&("anthropic".to_string(), "claude-sonnet-4-5".to_string())];
+    assert!(
+        anthropic.error_rate > 0.4 && anthropic.error_rate < 0.6,
+        "half its attempts were 429s: {anthropic:?}"
+    );
     let managed_calls = mock_state.calls(tally::demo::DEMO_MANAGED_OPENAI_KEY);
     let metered: i64 = sqlx::query_scalar(
         "select coalesce(sum(requests), 0)::bigint from usage_hourly where credential_kind = 'managed'",

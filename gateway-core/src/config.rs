@@ -22,6 +22,9 @@ pub struct GatewayConfig {
     /// Hosts, IPs or CIDR blocks that custom providers may reach although they are private,
     /// loopback or link-local (a self-hosted Ollama or vLLM on the operator's network).
     pub custom_provider_allowlist: Vec<String>,
+    /// Model selection strategies (CEL over `ai.models`), tried in order; the first that
+    /// returns models wins.
+    pub strategies: Vec<String>,
     /// Limit of one attempt, up to the response headers for streams and the whole body
     /// otherwise.
     pub per_request_timeout: Duration,
@@ -38,6 +41,7 @@ impl Default for GatewayConfig {
             base_url_overrides: BTreeMap::new(),
             managed_keys: BTreeMap::new(),
             custom_provider_allowlist: Vec::new(),
+            strategies: Vec::new(),
             per_request_timeout: Duration::from_secs(60),
             // The seeds' default: six minutes for every attempt of a request.
             total_timeout: Duration::from_secs(360),

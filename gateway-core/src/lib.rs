@@ -7,6 +7,7 @@
 //! - [`config`]: restrictions, timeouts, managed keys, base URL overrides.
 //! - [`proxy`]: authentication, model resolution, credential order, enforcement, failover and
 //!   metering, for `/v1/chat/completions`, `/v1/messages` and `/v1/models`.
+//! - [`strategy`] and [`metrics`]: CEL model selection over live metrics, and `tally/auto`.
 //! - [`routes`]: logical model names resolving to fallback chains or weighted splits.
 //! - [`decisions`]: the in-memory enforcement cache the request path reads.
 //! - [`sink`]: where usage events go ([`sink::EventSink`]); in process by default.
@@ -22,9 +23,11 @@ pub mod decisions;
 pub mod egress;
 pub mod error;
 pub mod keys;
+pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod routes;
 pub mod secrets;
 pub mod sink;
+pub mod strategy;
 pub mod tokens;

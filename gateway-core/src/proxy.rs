@@ -25,14 +25,18 @@ use crate::config::GatewayConfig;
 use crate::decisions::DecisionCache;
 use crate::egress::{EgressPolicy, GuardedResolver};
 use crate::error::GatewayError;
+use crate::metrics::{GlobalMetrics, ModelMetrics};
 use crate::routes::CredentialChoice;
 use crate::sink::EventSink;
+use crate::strategy::{AUTO_MODEL, CandidateInfo, PreparedCache, Strategies, auto_candidates};
 use crate::tokens;
 
 /// The endpoint a request reaches when its path names none.
 pub const DEFAULT_ENDPOINT: &str = "default";
 /// Anthropic's API requires a version header; used when the client sends none.
 const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+/// Local metrics older than this are re-summarised before strategies read them.
+const METRICS_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
 /// Request bodies larger than this are refused before parsing.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
 /// SSE events buffered between upstream and a slow client.
@@ -98,6 +102,15 @@ pub struct Gateway {
     egress: Arc<EgressPolicy>,
     managed: Vec<(String, Vec<Arc<UpstreamKey>>)>,
     clock: ClockBox,
+    /// Model selection strategies, compiled once when the gateway is built.
+    strategies: Strategies,
+    /// This gateway's own observations per provider and model (`m.metrics.local.*`).
+    pub local_metrics: Arc<ModelMetrics>,
+    /// The fleet-wide feed (`m.metrics.global.*`).
+    pub global_metrics: Arc<GlobalMetrics>,
+    /// Prepared `ai.models` for `tally/auto`, per API shape.
+    auto_openai: PreparedCache,
+    auto_anthropic: PreparedCache,
 }
 
 struct ClockBox(Clock);
@@ -164,7 +177,18 @@ impl Gateway {
             .dns_resolver(Arc::new(GuardedResolver(Arc::clone(&egress))))
             .build()
             .map_err(client_error)?;
+        let strategies = Strategies::compile(&config.strategies).map_err(|e| {
+            crate::config::GatewayConfigError::Invalid {
+                field: "strategies".into(),
+                reason: e.to_string(),
+            }
+        })?;
         Ok(Gateway {
+            strategies,
+            local_metrics: Arc::new(ModelMetrics::new()),
+            global_metrics: Arc::new(GlobalMetrics::new()),
+            auto_openai: PreparedCache::new(),
+            auto_anthropic: PreparedCache::new(),
             custom_http,
             egress,
             config,
@@ -397,6 +421,7 @@ fn candidates(
             .ok_or_else(|| GatewayError::bad_request("model is required"))?;
         names.push(model.to_string());
     }
+    let names = select_models(gw, names, client_shape);
     let mut out: Vec<Candidate> = Vec::new();
     let mut first_error = None;
     let mut expanded: Vec<(String, CredentialChoice)> = Vec::new();
@@ -433,6 +458,52 @@ fn candidates(
     match (out.is_empty(), first_error) {
         (true, Some(e)) => Err(e),
         _ => Ok(out),
+    }
+}
+
+/// Applies the selection strategies: `tally/auto` becomes the catalog's models of this API
+/// that the first matching strategy returns (all of them, in catalog order, when none does); a
+/// client's `models` list is narrowed and reordered the same way, and kept as sent when no
+/// strategy returns any of its models.
+fn select_models(gw: &Gateway, names: Vec<String>, shape: ApiShape) -> Vec<String> {
+    let local = gw.local_metrics.snapshot_cached(METRICS_SNAPSHOT_MAX_AGE);
+    let global = gw.global_metrics.load();
+    if names.len() == 1 && names[0] == AUTO_MODEL {
+        let candidates = auto_candidates(&gw.config, shape);
+        let cache = match shape {
+            ApiShape::OpenAi => &gw.auto_openai,
+            ApiShape::Anthropic => &gw.auto_anthropic,
+        };
+        let prepared = cache.get(&gw.strategies, &candidates, &local, &global);
+        let chosen = gw
+            .strategies
+            .select_prepared(&prepared)
+            .unwrap_or_else(|| (0..candidates.len()).collect());
+        return chosen
+            .into_iter()
+            .filter_map(|i| candidates.get(i))
+            .map(CandidateInfo::id)
+            .collect();
+    }
+    if names.len() < 2 || gw.strategies.is_empty() {
+        return names;
+    }
+    let candidates: Vec<CandidateInfo> = names
+        .iter()
+        .map(|n| match n.split_once(':') {
+            Some((p, m)) => CandidateInfo::from_catalog(p, m),
+            None => match catalog::provider_of_model(n) {
+                Some(p) => CandidateInfo::from_catalog(p.id, n),
+                None => CandidateInfo::from_catalog("", n),
+            },
+        })
+        .collect();
+    match gw.strategies.select(&candidates, &local, &global) {
+        Some(chosen) if !chosen.is_empty() => chosen
+            .into_iter()
+            .filter_map(|i| names.get(i).cloned())
+            .collect(),
+        _ => names,
     }
 }
 
@@ -803,6 +874,13 @@ impl Meter {
     fn emit(&self, status: u16, tokens: TokenCounts, token_source: TokenSource) {
         let upstream_ms =
             u64::try_from(self.attempt_started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.gw.local_metrics.record(
+            &self.provider,
+            &self.model,
+            upstream_ms,
+            (200..300).contains(&status),
+            tokens.output + tokens.reasoning,
+        );
         let total_ms = u64::try_from(self.started.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .max(upstream_ms);

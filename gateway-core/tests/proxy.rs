@@ -808,3 +808,92 @@ async fn in_process_router_serves_and_meters(pool: PgPool) {
     assert_eq!(app.oneshot(req).await.unwrap().status(), 401);
     drop(pool);
 }
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn tally_auto_and_strategies_choose_models(pool: PgPool) {
+    let w = world(pool.clone(), |c| {
+        c.strategies = vec![
+            // Matches nothing: the next strategy decides.
+            "ai.models.filter(m, m.provider_id == 'nobody')".into(),
+            "ai.models.filter(m, m.model_id == 'gpt-4o-mini' || m.provider_id == 'groq')".into(),
+        ];
+    })
+    .await;
+    w.buy(1000).await;
+    w.creds
+        .set("acme", "groq", &[("gsk-1", CredentialKind::Byok)]);
+    let (s, b) = w.chat(chat_body("tally/auto")).await;
+    assert_eq!(s, 200, "{b}");
+    let first = w.mock.last_request().unwrap();
+    assert_eq!(
+        first.model.as_deref(),
+        Some("gpt-4o-mini"),
+        "catalog order among the strategy's models"
+    );
+    // The chosen models fail over among themselves: gpt-4o-mini (managed) fails, groq serves.
+    w.mock
+        .set_behavior(MANAGED_OPENAI, MockBehavior::status(503));
+    let (s, b) = w.chat(chat_body("tally/auto")).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        w.mock.last_request().unwrap().model.as_deref(),
+        Some("llama-3.3-70b-versatile")
+    );
+    // A client's own list is narrowed by the strategies too.
+    w.mock.remove_behavior(MANAGED_OPENAI);
+    let (s, _) = w.chat(json!({"models": ["openai:gpt-4o", "openai:gpt-4o-mini"], "messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        w.mock.last_request().unwrap().model.as_deref(),
+        Some("gpt-4o-mini")
+    );
+
+    // Metrics drive selection: once this gateway has seen openai answer slowly, a latency
+    // strategy prefers the fast provider.
+    let w2 = world(pool, |c| {
+        c.strategies =
+            vec!["ai.models.filter(m, m.metrics.local.latency.upstream_ms_avg < 150)".into()];
+    })
+    .await;
+    w2.creds
+        .set("acme", "openai", &[("sk-slow", CredentialKind::Byok)]);
+    w2.creds
+        .set("acme", "groq", &[("gsk-fast", CredentialKind::Byok)]);
+    w2.mock
+        .set_behavior("sk-slow", MockBehavior::latency(Duration::from_millis(300)));
+    let list = json!({"models": ["openai:gpt-4o", "groq:llama-3.3-70b-versatile"], "messages": [{"role": "user", "content": "hi"}]});
+    let (s, _) = w2.chat(list.clone()).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        w2.mock.calls("sk-slow"),
+        1,
+        "no metrics yet: both pass, openai first"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, _) = w2.chat(list).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (w2.mock.calls("sk-slow"), w2.mock.calls("gsk-fast")),
+        (1, 1),
+        "the slow model is filtered out now"
+    );
+}
+
+#[test]
+fn a_bad_strategy_is_refused_with_its_position() {
+    let config = GatewayConfig {
+        strategies: vec!["ai.models.filter(m, m.provider_id ==)".into()],
+        ..GatewayConfig::default()
+    };
+    let err = Gateway::new(
+        config,
+        Arc::new(StaticAuth::default()),
+        Arc::new(StaticCreds::default()),
+        DecisionCache::new(),
+        Arc::new(tally_gateway_core::sink::MemorySink::default()),
+        Arc::new(Utc::now),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("strategy 0 at 1:"), "{err}");
+}
