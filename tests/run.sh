@@ -25,6 +25,33 @@ if ! pg_up; then
   exit 1
 fi
 
+# The official OpenAI and Anthropic Python SDKs, for tests/sdk_compat.rs: a cached venv, whose
+# packages are reinstalled only when tests/sdk/requirements.txt changes.
+if ! command -v python3 >/dev/null 2>&1; then
+  echo "tests/run.sh: FAILED: python3 is required (the SDK compatibility test runs the official OpenAI and Anthropic Python SDKs)" >&2
+  exit 1
+fi
+SDK_VENV="${TALLY_SDK_VENV:-$HOME/.cache/tally/sdk-venv}"
+SDK_REQUIREMENTS="tests/sdk/requirements.txt"
+if [ ! -x "$SDK_VENV/bin/python" ]; then
+  echo "tests/run.sh: creating the SDK venv at $SDK_VENV" >&2
+  mkdir -p "$(dirname "$SDK_VENV")"
+  python3 -m venv "$SDK_VENV" || {
+    echo "tests/run.sh: FAILED: python3 -m venv $SDK_VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2
+    exit 1
+  }
+fi
+sdk_hash="$(sha256sum "$SDK_REQUIREMENTS" | cut -d' ' -f1)"
+if [ "$(cat "$SDK_VENV/.tally-requirements.sha256" 2>/dev/null || true)" != "$sdk_hash" ]; then
+  echo "tests/run.sh: installing $SDK_REQUIREMENTS into $SDK_VENV" >&2
+  "$SDK_VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$SDK_REQUIREMENTS" || {
+    echo "tests/run.sh: FAILED: pip install -r $SDK_REQUIREMENTS" >&2
+    exit 1
+  }
+  echo "$sdk_hash" >"$SDK_VENV/.tally-requirements.sha256"
+fi
+export TALLY_SDK_PYTHON="$SDK_VENV/bin/python"
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log="$(mktemp)"

@@ -69,9 +69,12 @@ impl GatewayError {
                 "credits_exhausted",
                 "permission_error",
             ),
-            GatewayError::NoCredentials(_) => {
-                (StatusCode::BAD_GATEWAY, "no_provider_key", "api_error")
-            }
+            // A missing key is configuration, not an outage: a 4xx, so SDKs do not retry it.
+            GatewayError::NoCredentials(_) => (
+                StatusCode::BAD_REQUEST,
+                "no_provider_key",
+                "invalid_request_error",
+            ),
             GatewayError::Upstream { status, .. } if *status == 429 => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "upstream_rate_limited",

@@ -619,7 +619,7 @@ async fn custom_providers_cannot_reach_private_addresses_unless_allow_listed(poo
     let (s, b) = allowed.chat(chat_body("ollama:llama3")).await;
     assert_eq!(
         (s, b["error"]["code"].as_str()),
-        (502, Some("no_provider_key")),
+        (400, Some("no_provider_key")),
         "{b}"
     );
 }
