@@ -99,7 +99,8 @@ async fn canary_keys_never_leak(pool: PgPool) {
         .as_str()
         .unwrap()
         .to_string();
-    let token_secret = token.rsplit('_').next().unwrap().to_string();
+    // `tly_<key_id>_<secret>`: the secret is base64url and may itself contain '_'.
+    let token_secret = token.splitn(3, '_').nth(2).unwrap().to_string();
     assert!(token_secret.len() >= 32);
 
     // A mistyped body carrying the key: refused without echoing it.
@@ -182,7 +183,8 @@ async fn canary_keys_never_leak(pool: PgPool) {
         "the canary key really was used upstream"
     );
     // A forged secret for the real key id, and a wrong endpoint.
-    let forged = format!("{}_{}", token.rsplit_once('_').unwrap().0, "A".repeat(43));
+    let key_part: Vec<&str> = token.splitn(3, '_').take(2).collect();
+    let forged = format!("{}_{}", key_part.join("_"), "A".repeat(43));
     let (s, _) = call(
         &http,
         http.post(format!("{gw}/v1/chat/completions"))

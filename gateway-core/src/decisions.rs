@@ -19,7 +19,14 @@ pub struct DecisionCache {
     decisions: DashMap<String, Decision>,
     /// Highest `account.last_event_seq` already reflected.
     seen_seq: AtomicI64,
+    /// The high-water marks of the last refreshes. Event seqs are drawn inside transactions
+    /// that commit out of order, so a batch with a lower seq can land after a higher one has
+    /// been seen; each refresh re-reads from the mark of several rounds ago to catch it.
+    recent_marks: std::sync::Mutex<std::collections::VecDeque<i64>>,
 }
+
+/// Refresh rounds a change may commit late and still be seen (× `REFRESH_INTERVAL`).
+pub const REFRESH_LOOKBACK_ROUNDS: usize = 20;
 
 impl DecisionCache {
     pub fn new() -> Arc<DecisionCache> {
@@ -63,7 +70,16 @@ impl DecisionCache {
         pool: &PgPool,
         now: DateTime<Utc>,
     ) -> Result<usize, tally_ingest::StoreError> {
-        let since = self.seen_seq.load(Ordering::Acquire);
+        let since = {
+            let marks = match self.recent_marks.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            marks
+                .front()
+                .copied()
+                .unwrap_or_else(|| self.seen_seq.load(Ordering::Acquire))
+        };
         let changed: Vec<(String, i64)> = sqlx::query_as(
             "select account_id, last_event_seq from account where last_event_seq > $1",
         )
@@ -90,6 +106,14 @@ impl DecisionCache {
         }
         if let Some(max) = changed.iter().map(|(_, s)| *s).max() {
             self.seen_seq.fetch_max(max, Ordering::AcqRel);
+        }
+        let mut marks = match self.recent_marks.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        marks.push_back(self.seen_seq.load(Ordering::Acquire));
+        while marks.len() > REFRESH_LOOKBACK_ROUNDS {
+            marks.pop_front();
         }
         Ok(ids.len())
     }

@@ -289,7 +289,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/models", get(models))
         .route("/e/{endpoint_id}/v1/chat/completions", post(chat_endpoint))
         .route("/e/{endpoint_id}/v1/messages", post(messages_endpoint))
-        .route("/e/{endpoint_id}/v1/models", get(models))
+        .route("/e/{endpoint_id}/v1/models", get(models_endpoint))
         .with_state(gateway)
 }
 
@@ -338,8 +338,19 @@ async fn messages_endpoint(
 }
 
 async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    let endpoint = DEFAULT_ENDPOINT;
-    if let Err(e) = bearer(&headers).and_then(|t| gw.auth.verify(t, endpoint)) {
+    list_models(&gw, DEFAULT_ENDPOINT, &headers)
+}
+
+async fn models_endpoint(
+    State(gw): State<Arc<Gateway>>,
+    Path(endpoint): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    list_models(&gw, &endpoint, &headers)
+}
+
+fn list_models(gw: &Gateway, endpoint: &str, headers: &HeaderMap) -> Response {
+    if let Err(e) = bearer(headers).and_then(|t| gw.auth.verify(t, endpoint)) {
         return e.into_response_for(ApiShape::OpenAi);
     }
     let data: Vec<Value> = catalog::PROVIDERS
@@ -507,12 +518,27 @@ fn select_models(gw: &Gateway, names: Vec<String>, shape: ApiShape) -> Vec<Strin
     }
 }
 
+/// Model names end up in events, logs and SQL text columns: printable and bounded only.
+fn check_model_name(name: &str) -> Result<(), GatewayError> {
+    if name.is_empty()
+        || name.len() > tally_ledger::event::MAX_ID_LEN
+        || name.chars().any(char::is_control)
+    {
+        return Err(GatewayError::bad_request(format!(
+            "model names are 1 to {} printable characters",
+            tally_ledger::event::MAX_ID_LEN
+        )));
+    }
+    Ok(())
+}
+
 fn resolve(
     gw: &Gateway,
     caller: &Caller,
     name: &str,
     client_shape: ApiShape,
 ) -> Result<Candidate, GatewayError> {
+    check_model_name(name)?;
     let (provider, model) = match name.split_once(':') {
         Some((p, m)) if !p.is_empty() && !m.is_empty() => (p.to_string(), m.to_string()),
         _ => match catalog::provider_of_model(name) {
@@ -653,6 +679,9 @@ async fn handle_inner(
     let mut attempt = 0u32;
     let mut last_error: Option<GatewayError> = None;
     let mut denied_for_credits = false;
+    // A route and a plain name may both lead to the same model and key: never try one twice.
+    let mut tried: std::collections::HashSet<(String, String, String)> =
+        std::collections::HashSet::new();
     'candidates: for cand in &candidates {
         let keys: Vec<Arc<UpstreamKey>> = {
             let customer = gw.credentials.credentials_for(
@@ -685,6 +714,13 @@ async fn handle_inner(
             last_error.get_or_insert(GatewayError::NoCredentials(cand.provider.clone()));
         }
         for key in keys {
+            if !tried.insert((
+                cand.provider.clone(),
+                cand.model.clone(),
+                key.credential_id.clone(),
+            )) {
+                continue;
+            }
             if Instant::now() >= ctx.deadline {
                 last_error = Some(GatewayError::Timeout);
                 break 'candidates;
@@ -814,9 +850,29 @@ async fn try_once(
         let rest = limit.saturating_sub(attempt_started.elapsed());
         let bytes = match tokio::time::timeout(rest, resp.bytes()).await {
             Ok(Ok(b)) => b,
-            Ok(Err(_)) | Err(_) => {
-                meter.emit(504, TokenCounts::default(), TokenSource::Estimate);
-                return AttemptOutcome::Failover(GatewayError::Timeout);
+            failed => {
+                // The provider answered and may bill the call even though its body never
+                // arrived whole: meter the prompt estimate rather than nothing.
+                let tokens = if (200..300).contains(&status) {
+                    TokenCounts {
+                        input: tokens::estimate_prompt(&cand.model, &ctx.body),
+                        ..TokenCounts::default()
+                    }
+                } else {
+                    TokenCounts::default()
+                };
+                let (code, err) = match failed {
+                    Err(_) => (504, GatewayError::Timeout),
+                    Ok(_) => (
+                        502,
+                        GatewayError::Upstream {
+                            status: 502,
+                            message: format!("{} broke off its answer", cand.provider),
+                        },
+                    ),
+                };
+                meter.emit(code, tokens, TokenSource::Estimate);
+                return AttemptOutcome::Failover(err);
             }
         };
         let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();

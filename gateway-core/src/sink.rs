@@ -110,14 +110,67 @@ async fn writer(
                 decisions.update_from_states(report.states.values(), now);
                 batch.clear();
             }
-            Err(e) => {
-                // The database is down or refused the transaction: keep the batch and retry;
-                // ingest is idempotent by event id, so a retry never double counts.
+            Err(e) if is_transient(&e) => {
+                // The database is down or busy: keep the batch and retry; ingest is idempotent
+                // by event id, so a retry never double counts.
                 stats.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, events = batch.len(), "ledger write failed; retrying");
                 tokio::time::sleep(SINK_RETRY_DELAY).await;
             }
+            Err(e) => {
+                // Something in this batch cannot be stored at all. Retrying it whole would block
+                // every later event, so apply the events one by one and set aside only the one
+                // that fails alone.
+                tracing::warn!(error = %e, events = batch.len(), "batch refused; applying its events one by one");
+                for event in std::mem::take(&mut batch) {
+                    loop {
+                        match store
+                            .ingest(std::slice::from_ref(&event), BatchMode::BestEffort, clock())
+                            .await
+                        {
+                            Ok(report) => {
+                                stats
+                                    .applied
+                                    .fetch_add(report.applied.len() as u64, Ordering::Relaxed);
+                                decisions.update_from_states(report.states.values(), clock());
+                                break;
+                            }
+                            Err(e) if is_transient(&e) => {
+                                tokio::time::sleep(SINK_RETRY_DELAY).await
+                            }
+                            Err(e) => {
+                                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                                tracing::error!(event_id = %event.event_id, account_id = %event.account_id,
+                                    error = %e, "usage event cannot be stored; dropped");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
         }
+    }
+}
+
+/// Errors worth waiting out: the connection or pool, or a transaction the database asks to
+/// retry.
+fn is_transient(e: &tally_ingest::StoreError) -> bool {
+    match e {
+        tally_ingest::StoreError::Database(db) => match db {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => true,
+            sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                c.starts_with("08")
+                    || c.starts_with("57P")
+                    || c == "40001"
+                    || c == "40P01"
+                    || c == "53300"
+            }),
+            _ => false,
+        },
+        _ => false,
     }
 }
 

@@ -292,7 +292,7 @@ async fn listing_keys_never_shows_token_or_hash(pool: PgPool) {
     let h = Harness::new(pool).await;
     let (key_id, token) = h.create_key("acme", "ep_main").await;
     let (_, token_b) = h.create_key("acme", "ep_batch").await;
-    let secret = token.rsplit_once('_').map(|(_, s)| s).unwrap().to_string();
+    let secret = token.splitn(3, '_').nth(2).unwrap().to_string();
     let hash: Vec<u8> =
         sqlx::query_scalar("select secret_hash from gateway_api_key where key_id = $1")
             .bind(&key_id)

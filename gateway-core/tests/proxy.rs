@@ -897,3 +897,41 @@ fn a_bad_strategy_is_refused_with_its_position() {
     .to_string();
     assert!(err.contains("strategy 0 at 1:"), "{err}");
 }
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn control_characters_in_model_names_are_refused_and_endpoint_models_work(pool: PgPool) {
+    let w = world(pool, |_| {}).await;
+    w.buy(1000).await;
+    let (s, b) = w.chat(chat_body("openai:gpt-4o\u{0}")).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{b}"
+    );
+    assert_eq!(w.mock.total_calls(), 0);
+    // The ledger keeps ingesting afterwards.
+    let (s, _) = w.chat(chat_body("gpt-4o")).await;
+    assert_eq!(s, 200);
+    assert_eq!(w.usage_events(1).await.len(), 1);
+    // A route and the plain name lead to the same key: it is tried once, not twice.
+    w.creds
+        .set("acme", "openai", &[("sk-once", CredentialKind::Byok)]);
+    w.mock.set_behavior("sk-once", MockBehavior::status(429));
+    let route = tally_gateway_core::routes::Route {
+        mode: tally_gateway_core::routes::RouteMode::Fallback,
+        targets: vec![tally_gateway_core::routes::RouteTarget {
+            model: "openai:gpt-4o".into(),
+            credential: tally_gateway_core::routes::CredentialChoice::Byok,
+            priority: 0,
+            weight: 1,
+        }],
+    };
+    w.creds
+        .3
+        .lock()
+        .unwrap()
+        .insert("alias".into(), Arc::new(route));
+    let (s, _) = w.chat(json!({"models": ["alias", "openai:gpt-4o"], "messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(s, 429);
+    assert_eq!(w.mock.calls("sk-once"), 1);
+}

@@ -9,6 +9,11 @@ use uuid::Uuid;
 use crate::error::StoreError;
 use crate::store::{BatchMode, Store};
 
+/// A lot is expired this long after its expiry instant, not at once: usage that happened
+/// before the instant (a long stream, a queued event) may still be on its way, and must find the
+/// lot open rather than be charged as debt while the same credits go to breakage.
+pub const EXPIRY_GRACE_SECS: i64 = 900;
+
 /// Lots expired per sweep round; the sweep loops until none are due.
 pub const SWEEP_BATCH: i64 = 1000;
 
@@ -20,15 +25,17 @@ pub fn expiry_event_id(lot_id: Uuid) -> Uuid {
     Uuid::new_v5(&EXPIRY_NAMESPACE, lot_id.as_bytes())
 }
 
-/// Expires every open lot whose expiry is at or before `now`. Returns how many were expired.
+/// Expires every open lot whose expiry is at least [`EXPIRY_GRACE_SECS`] before `now`. Returns
+/// how many were expired.
 pub async fn expire_due(store: &Store, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    let due_before = now - chrono::Duration::seconds(EXPIRY_GRACE_SECS);
     let mut total = 0;
     loop {
         let due: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
             "select lot_id, account_id, expires_at from credit_lot
              where status = 'open' and expires_at <= $1 order by expires_at, lot_id limit $2",
         )
-        .bind(now)
+        .bind(due_before)
         .bind(SWEEP_BATCH)
         .fetch_all(store.pool())
         .await?;

@@ -243,10 +243,13 @@ impl Usage {
         validate_id("api_key_id", &self.api_key_id)?;
         validate_id("provider", &self.provider)?;
         validate_id("credential_id", &self.credential_id)?;
-        if self.model.is_empty() || self.model.len() > MAX_ID_LEN {
+        if self.model.is_empty()
+            || self.model.len() > MAX_ID_LEN
+            || self.model.chars().any(char::is_control)
+        {
             return Err(DomainError::invalid(
                 "model",
-                format!("must be 1 to {MAX_ID_LEN} characters"),
+                format!("must be 1 to {MAX_ID_LEN} printable characters"),
             ));
         }
         if !(100..=599).contains(&self.status) {
