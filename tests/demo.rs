@@ -2,44 +2,15 @@
 //! new user sees first must work.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
 use sqlx::PgPool;
-use tally::clock::{Clock, SystemClock};
-use tally::config::{DEFAULT_GATEWAY_LISTEN, GatewaySettings};
-use tally::stack::{Stack, StackParts};
-use tally_gateway_core::config::GatewayConfig;
-use tally_gateway_core::mock;
-use tally_gateway_core::secrets::Kek;
-use tally_ingest::Store;
-use tokio::net::TcpListener;
 
 #[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
 async fn demo_scenario_runs_end_to_end_over_http(pool: PgPool) {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = Arc::new(Store::open(pool.clone(), clock.now()).await.unwrap());
-    let (mock_addr, mock_state) = mock::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let mut config = GatewayConfig::default();
-    tally::demo::configure_gateway(&mut config, mock_addr);
-    let settings = GatewaySettings {
-        listen: DEFAULT_GATEWAY_LISTEN.parse().unwrap(),
-        config,
-        kek: None,
-    };
-    let stack = Stack::start(StackParts {
-        store,
-        clock: Arc::clone(&clock),
-        ledger: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        gateway: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        settings,
-        kek: Kek::from_bytes(&[7; 32]),
-        sweep_interval: Duration::from_secs(60),
-    })
-    .await
-    .unwrap();
-    let ledger = format!("http://{}", stack.ledger_addr.unwrap());
-    let gateway = format!("http://{}", stack.gateway_addr.unwrap());
+    let live = common::live_stack(&pool, |_, _| {}).await;
+    let (clock, mock_state, ledger, gateway) = (live.clock, live.mock, live.ledger, live.gateway);
+    let stack = live.stack;
     let report = tally::demo::run_scenario(&ledger, &gateway, &mock_state, clock.now())
         .await
         .unwrap();

@@ -2,58 +2,27 @@
 //! unreachable, without storing or echoing the key.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tally::clock::{Clock, SystemClock};
-use tally::config::{DEFAULT_GATEWAY_LISTEN, GatewaySettings};
-use tally::stack::{Stack, StackParts};
-use tally_gateway_core::config::GatewayConfig;
-use tally_gateway_core::mock;
-use tally_gateway_core::secrets::Kek;
-use tally_ingest::Store;
 use tokio::net::TcpListener;
 
 #[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
 async fn provider_keys_are_checked_against_the_provider(pool: PgPool) {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = Arc::new(Store::open(pool.clone(), clock.now()).await.unwrap());
-    let (mock_addr, mock_state) = mock::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     // A port nothing listens on: bind one, note it, let it go.
     let closed = TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut config = GatewayConfig::default();
-    config
-        .base_url_overrides
-        .insert("openai".into(), format!("http://{mock_addr}/v1"));
-    config
-        .base_url_overrides
-        .insert("anthropic".into(), format!("http://{mock_addr}/v1"));
-    config
-        .base_url_overrides
-        .insert("mistral".into(), format!("http://{closed}/v1"));
-    let settings = GatewaySettings {
-        listen: DEFAULT_GATEWAY_LISTEN.parse().unwrap(),
-        config,
-        kek: None,
-    };
-    let stack = Stack::start(StackParts {
-        store,
-        clock,
-        ledger: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        gateway: None,
-        settings,
-        kek: Kek::from_bytes(&[3; 32]),
-        sweep_interval: Duration::from_secs(60),
+    let live = common::live_stack(&pool, |config, _| {
+        config
+            .base_url_overrides
+            .insert("mistral".into(), format!("http://{closed}/v1"));
     })
-    .await
-    .unwrap();
-    let api = format!("http://{}", stack.ledger_addr.unwrap());
+    .await;
+    let (mock_state, api, stack) = (live.mock, live.ledger, live.stack);
     let http = reqwest::Client::new();
     http.post(format!("{api}/v1/accounts"))
         .json(&json!({"account_id": "acme", "name": "Acme"}))

@@ -4,6 +4,8 @@
 //! `bash tests/run.sh` sets up (a cached venv with `tests/sdk/requirements.txt`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::str::FromStr;
@@ -15,14 +17,6 @@ use rust_decimal::Decimal;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tally::clock::{Clock, SystemClock};
-use tally::config::{DEFAULT_GATEWAY_LISTEN, GatewaySettings};
-use tally::stack::{Stack, StackParts};
-use tally_gateway_core::config::GatewayConfig;
-use tally_gateway_core::mock;
-use tally_gateway_core::secrets::Kek;
-use tally_ingest::Store;
-use tokio::net::TcpListener;
 
 const MANAGED_ANTHROPIC_KEY: &str = "sk-managed-anthropic";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -125,34 +119,16 @@ fn hour(t: DateTime<Utc>) -> String {
 #[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
 async fn official_sdks_work_against_the_gateway(pool: PgPool) {
     let python = sdk_python();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let started_at = clock.now();
-    let store = Arc::new(Store::open(pool.clone(), started_at).await.unwrap());
-    let (mock_addr, mock_state) = mock::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let mut config = GatewayConfig::default();
-    tally::demo::configure_gateway(&mut config, mock_addr);
-    config.managed_keys.insert(
-        "anthropic".to_string(),
-        vec![SecretString::from(MANAGED_ANTHROPIC_KEY)],
-    );
-    let settings = GatewaySettings {
-        listen: DEFAULT_GATEWAY_LISTEN.parse().unwrap(),
-        config,
-        kek: None,
-    };
-    let stack = Stack::start(StackParts {
-        store,
-        clock: Arc::clone(&clock),
-        ledger: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        gateway: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        settings,
-        kek: Kek::from_bytes(&[7; 32]),
-        sweep_interval: Duration::from_secs(60),
+    let live = common::live_stack(&pool, |config, _| {
+        config.managed_keys.insert(
+            "anthropic".to_string(),
+            vec![SecretString::from(MANAGED_ANTHROPIC_KEY)],
+        );
     })
-    .await
-    .unwrap();
-    let ledger = format!("http://{}", stack.ledger_addr.unwrap());
-    let gateway = format!("http://{}", stack.gateway_addr.unwrap());
+    .await;
+    let (clock, mock_state, ledger, gateway, stack) =
+        (live.clock, live.mock, live.ledger, live.gateway, live.stack);
+    let started_at = clock.now();
     let http = reqwest::Client::new();
 
     let account = post(

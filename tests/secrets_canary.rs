@@ -3,20 +3,14 @@
 //! traffic flows, fails over and errors.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tally::clock::{Clock, SystemClock};
-use tally::config::{DEFAULT_GATEWAY_LISTEN, GatewaySettings};
-use tally::stack::{Stack, StackParts};
-use tally_gateway_core::config::GatewayConfig;
-use tally_gateway_core::mock::{self, MockBehavior};
-use tally_gateway_core::secrets::Kek;
-use tally_ingest::Store;
-use tokio::net::TcpListener;
+use tally_gateway_core::mock::MockBehavior;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -42,29 +36,8 @@ async fn canary_keys_never_leak(pool: PgPool) {
         .init();
 
     let canary = format!("sk-canary-{}", uuid::Uuid::new_v4().simple());
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = Arc::new(Store::open(pool.clone(), clock.now()).await.unwrap());
-    let (mock_addr, mock_state) = mock::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let mut config = GatewayConfig::default();
-    tally::demo::configure_gateway(&mut config, mock_addr);
-    let settings = GatewaySettings {
-        listen: DEFAULT_GATEWAY_LISTEN.parse().unwrap(),
-        config,
-        kek: None,
-    };
-    let stack = Stack::start(StackParts {
-        store,
-        clock,
-        ledger: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        gateway: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        settings,
-        kek: Kek::from_bytes(&[9; 32]),
-        sweep_interval: Duration::from_secs(60),
-    })
-    .await
-    .unwrap();
-    let api = format!("http://{}", stack.ledger_addr.unwrap());
-    let gw = format!("http://{}", stack.gateway_addr.unwrap());
+    let live = common::live_stack(&pool, |_, _| {}).await;
+    let (mock_state, api, gw, stack) = (live.mock, live.ledger, live.gateway, live.stack);
     let http = reqwest::Client::new();
     let mut bodies: Vec<String> = Vec::new();
     async fn call(

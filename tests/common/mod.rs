@@ -188,3 +188,56 @@ pub async fn dump_projections(pool: &PgPool) -> Vec<String> {
     }
     out
 }
+
+/// Every role in one process over real sockets, with the mock provider as the upstream of
+/// OpenAI and Anthropic (see `tally::demo::configure_gateway`).
+pub struct LiveStack {
+    pub stack: tally::stack::Stack,
+    pub ledger: String,
+    pub gateway: String,
+    pub mock: Arc<tally_gateway_core::mock::MockState>,
+    pub mock_addr: std::net::SocketAddr,
+    pub clock: Arc<dyn tally::clock::Clock>,
+}
+
+/// Starts a [`LiveStack`] on `pool`; `tweak` may change the gateway configuration first.
+pub async fn live_stack(
+    pool: &PgPool,
+    tweak: impl FnOnce(&mut tally_gateway_core::config::GatewayConfig, std::net::SocketAddr),
+) -> LiveStack {
+    use tally::clock::{Clock, SystemClock};
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = Arc::new(Store::open(pool.clone(), clock.now()).await.unwrap());
+    let (mock_addr, mock) = tally_gateway_core::mock::spawn("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut config = tally_gateway_core::config::GatewayConfig::default();
+    tally::demo::configure_gateway(&mut config, mock_addr);
+    tweak(&mut config, mock_addr);
+    let settings = tally::config::GatewaySettings {
+        listen: tally::config::DEFAULT_GATEWAY_LISTEN.parse().unwrap(),
+        config,
+        kek: None,
+    };
+    let stack = tally::stack::Stack::start(tally::stack::StackParts {
+        store,
+        clock: Arc::clone(&clock),
+        ledger: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        gateway: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        settings,
+        kek: tally_gateway_core::secrets::Kek::from_bytes(&[7; 32]),
+        sweep_interval: std::time::Duration::from_secs(60),
+    })
+    .await
+    .unwrap();
+    let ledger = format!("http://{}", stack.ledger_addr.unwrap());
+    let gateway = format!("http://{}", stack.gateway_addr.unwrap());
+    LiveStack {
+        stack,
+        ledger,
+        gateway,
+        mock,
+        mock_addr,
+        clock,
+    }
+}
