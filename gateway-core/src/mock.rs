@@ -416,6 +416,32 @@ impl MockState {
 }
 
 /// The mock provider's routes (see the module documentation).
+/// Counts a call and records what it asked for; both APIs do it the same way.
+fn note_call(
+    state: &MockState,
+    api: ApiShape,
+    key: Option<&str>,
+    parsed: Option<&Value>,
+    anthropic_version: Option<String>,
+) {
+    let key = key.unwrap_or_default().to_string();
+    state.count(api, &key);
+    state.record(RecordedRequest {
+        api,
+        key,
+        model: parsed
+            .and_then(|b| b.get("model"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        stream: parsed
+            .and_then(|b| b.get("stream"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        body: parsed.cloned().unwrap_or(Value::Null),
+        anthropic_version,
+    });
+}
+
 pub fn router(state: Arc<MockState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai_chat))
@@ -680,24 +706,7 @@ async fn openai_chat(
     let api = ApiShape::OpenAi;
     let key = bearer_key(&headers);
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
-    let key_str = key.clone().unwrap_or_default();
-    state.count(api, &key_str);
-    state.record(RecordedRequest {
-        api,
-        key: key_str,
-        model: parsed
-            .as_ref()
-            .and_then(|b| b.get("model"))
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        stream: parsed
-            .as_ref()
-            .and_then(|b| b.get("stream"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        body: parsed.clone().unwrap_or(Value::Null),
-        anthropic_version: None,
-    });
+    note_call(&state, api, key.as_deref(), parsed.as_ref(), None);
     let behavior = match prelude(&state, api, key.as_deref()).await {
         Ok(b) => b,
         Err(response) => return response,
@@ -868,24 +877,13 @@ async fn anthropic_messages(
     let api = ApiShape::Anthropic;
     let key = header_string(&headers, "x-api-key");
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
-    let key_str = key.clone().unwrap_or_default();
-    state.count(api, &key_str);
-    state.record(RecordedRequest {
+    note_call(
+        &state,
         api,
-        key: key_str,
-        model: parsed
-            .as_ref()
-            .and_then(|b| b.get("model"))
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        stream: parsed
-            .as_ref()
-            .and_then(|b| b.get("stream"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        body: parsed.clone().unwrap_or(Value::Null),
-        anthropic_version: header_string(&headers, "anthropic-version"),
-    });
+        key.as_deref(),
+        parsed.as_ref(),
+        header_string(&headers, "anthropic-version"),
+    );
     let behavior = match prelude(&state, api, key.as_deref()).await {
         Ok(b) => b,
         Err(response) => return response,

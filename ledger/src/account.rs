@@ -135,7 +135,10 @@ pub fn apply(
         return Err(DomainError::UnknownAccount(event.account_id.clone()));
     };
     let applied = match &event.body {
-        EventBody::AccountOpened(_) => unreachable_opened(),
+        // Opening an account that has state is what the early branch refuses; kept total here.
+        EventBody::AccountOpened(_) => {
+            return Err(DomainError::AccountExists(event.account_id.clone()));
+        }
         EventBody::CreditsPurchased(p) => open_lot(
             acct,
             NewLot {
@@ -164,11 +167,6 @@ pub fn apply(
     };
     debug_assert!(balanced(&applied.postings));
     Ok(applied)
-}
-
-fn unreachable_opened() -> Applied {
-    // Handled before the account lookup; kept total so the match needs no panic.
-    Applied::default()
 }
 
 /// Whether postings sum to exactly zero.
