@@ -32,6 +32,9 @@ pub struct Common {
     /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, env = "TALLY_LOG", global = true)]
     pub log: Option<String>,
+    /// OTLP/gRPC endpoint for OpenTelemetry spans (e.g. http://127.0.0.1:4317); unset: none.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,14 +55,60 @@ pub enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Finance exports: account statements and platform reports, per calendar month (UTC).
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// One account's statement for one month: opening and closing position, purchases,
+    /// grants, managed usage, BYOK attributed cost, expiries, voids, debt, per-key and
+    /// per-provider breakdowns.
+    Statement {
+        #[arg(long)]
+        account: String,
+        /// The month, `YYYY-MM` (UTC).
+        #[arg(long)]
+        period: tally_ledger::statement::Period,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::api::exports::ExportFormat,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Platform-wide revenue, breakage, voids, purchases, grants and outstanding credit
+    /// liability and debt, one row per month.
+    Platform {
+        /// One month, `YYYY-MM` (UTC).
+        #[arg(long, required_unless_present = "from", conflicts_with_all = ["from", "to"])]
+        period: Option<tally_ledger::statement::Period>,
+        /// First month of a range (with `--to`, both included).
+        #[arg(long, requires = "to")]
+        from: Option<tally_ledger::statement::Period>,
+        /// Last month of a range.
+        #[arg(long, requires = "from")]
+        to: Option<tally_ledger::statement::Period>,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::api::exports::ExportFormat,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Role {
     /// The ledger's HTTP API (with the admin API for keys) and the expiry sweep.
     Ledger,
-    /// The OpenAI/Anthropic-compatible proxy; usage goes to the ledger's database.
+    /// The OpenAI/Anthropic-compatible proxy; usage goes to the ledger's database, or to Kafka
+    /// when `TALLY_KAFKA_BROKERS` is set.
     Gateway,
+    /// The Kafka ingest consumer: usage and credit events from Kafka into the ledger, decisions
+    /// and fleet metrics back. Needs `TALLY_KAFKA_BROKERS`.
+    Ingest,
     /// Every role available in this build, in one process.
     All,
 }
@@ -72,6 +121,10 @@ pub struct ServeArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub alerts: AlertArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -93,6 +146,11 @@ pub struct DemoArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Directory the demo writes its sample statement (CSV) to.
+    #[arg(long, env = "TALLY_DEMO_OUT", default_value = ".")]
+    pub out_dir: std::path::PathBuf,
 }
 
 pub const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
@@ -248,6 +306,259 @@ impl GatewayArgs {
     }
 }
 
+/// What the gateway does when its spool is full (the broker has been away that long).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SpoolFullArg {
+    /// Refuse managed (credit-paid) traffic until the spool has room: nothing goes unbilled.
+    DenyManaged,
+    /// Keep serving; events that do not fit are dropped, counted and logged.
+    KeepServing,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap brokers (host:port, comma-separated). Unset: every role runs over the
+    /// embedded in-process bus instead.
+    #[arg(long, env = "TALLY_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Extra librdkafka properties for every client, `key=value` comma-separated (e.g.
+    /// `security.protocol=SASL_SSL`). May hold credentials: never logged.
+    #[arg(
+        long,
+        env = "TALLY_KAFKA_PROPERTIES",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub kafka_properties: Vec<SecretArg>,
+    #[arg(long, env = "TALLY_KAFKA_TOPIC_USAGE", default_value = "tally.usage")]
+    pub kafka_topic_usage: String,
+    #[arg(
+        long,
+        env = "TALLY_KAFKA_TOPIC_CREDITS",
+        default_value = "tally.credits"
+    )]
+    pub kafka_topic_credits: String,
+    #[arg(
+        long,
+        env = "TALLY_KAFKA_TOPIC_DECISIONS",
+        default_value = "tally.decisions"
+    )]
+    pub kafka_topic_decisions: String,
+    #[arg(
+        long,
+        env = "TALLY_KAFKA_TOPIC_METRICS",
+        default_value = "tally.model-metrics"
+    )]
+    pub kafka_topic_metrics: String,
+    #[arg(
+        long,
+        env = "TALLY_KAFKA_TOPIC_DEAD_LETTER",
+        default_value = "tally.dead-letter"
+    )]
+    pub kafka_topic_dead_letter: String,
+    /// Partitions of the account-keyed topics when tally creates them.
+    #[arg(long, env = "TALLY_KAFKA_PARTITIONS", default_value_t = 12)]
+    pub kafka_partitions: i32,
+    #[arg(long, env = "TALLY_KAFKA_REPLICATION", default_value_t = 1)]
+    pub kafka_replication: i32,
+    /// The ingest consumer group.
+    #[arg(long, env = "TALLY_KAFKA_GROUP", default_value = "tally-ingest")]
+    pub kafka_group: String,
+    /// Where the gateway spools usage events on disk until the broker has them.
+    #[arg(long, env = "TALLY_SPOOL_DIR", default_value = "tally-spool")]
+    pub spool_dir: std::path::PathBuf,
+    #[arg(long, env = "TALLY_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
+    pub spool_max_bytes: u64,
+    #[arg(
+        long,
+        env = "TALLY_SPOOL_FULL_POLICY",
+        value_enum,
+        default_value = "deny-managed"
+    )]
+    pub spool_full_policy: SpoolFullArg,
+}
+
+/// The Kafka pipeline's settings after validation; `None` when Kafka is not configured.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub config: tally_ingest::kafka::KafkaConfig,
+    pub spool_dir: std::path::PathBuf,
+    pub spool_max_bytes: u64,
+    pub spool_full_policy: SpoolFullArg,
+}
+
+impl KafkaArgs {
+    pub fn validate(&self) -> Result<Option<KafkaSettings>, ConfigError> {
+        use secrecy::ExposeSecret;
+        let Some(brokers) = self
+            .kafka_brokers
+            .as_deref()
+            .filter(|b| !b.trim().is_empty())
+        else {
+            return Ok(None);
+        };
+        let mut client_properties = Vec::new();
+        for p in &self.kafka_properties {
+            let p = p.0.expose_secret();
+            let (k, v) = p.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                field: "kafka_properties (TALLY_KAFKA_PROPERTIES)",
+                // The value may be a password: name the key only.
+                reason: format!(
+                    "an entry is not key=value (starts with '{}')",
+                    p.chars()
+                        .take_while(|c| *c != '=')
+                        .take(24)
+                        .collect::<String>()
+                ),
+            })?;
+            client_properties.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let config = tally_ingest::kafka::KafkaConfig {
+            brokers: brokers.trim().to_string(),
+            topics: tally_ingest::kafka::Topics {
+                usage: self.kafka_topic_usage.clone(),
+                credits: self.kafka_topic_credits.clone(),
+                decisions: self.kafka_topic_decisions.clone(),
+                metrics: self.kafka_topic_metrics.clone(),
+                dead_letter: self.kafka_topic_dead_letter.clone(),
+            },
+            partitions: self.kafka_partitions,
+            replication: self.kafka_replication,
+            group_id: self.kafka_group.clone(),
+            client_properties,
+        };
+        config.validate().map_err(|e| ConfigError::Invalid {
+            field: "kafka (TALLY_KAFKA_*)",
+            reason: e.to_string(),
+        })?;
+        if self.spool_max_bytes < 1 << 20 {
+            return Err(ConfigError::Invalid {
+                field: "spool_max_bytes (TALLY_SPOOL_MAX_BYTES)",
+                reason: "must be at least 1 MiB".into(),
+            });
+        }
+        Ok(Some(KafkaSettings {
+            config,
+            spool_dir: self.spool_dir.clone(),
+            spool_max_bytes: self.spool_max_bytes,
+            spool_full_policy: self.spool_full_policy,
+        }))
+    }
+}
+
+/// Alerts of the ledger role: low balance, credits exhausted, lots about to expire.
+#[derive(Debug, Clone, Args)]
+pub struct AlertArgs {
+    /// Where alerts are POSTed (http or https). Unset: alerts are recorded and logged only.
+    #[arg(long, env = "TALLY_ALERT_WEBHOOK_URL", hide_env_values = true)]
+    pub alert_webhook_url: Option<String>,
+    /// Signs every delivery (HMAC-SHA256, header `tally-signature`); required with the URL,
+    /// at least 16 characters. Never logged.
+    #[arg(long, env = "TALLY_ALERT_WEBHOOK_SECRET", hide_env_values = true)]
+    pub alert_webhook_secret: Option<SecretArg>,
+    /// How long before a lot expires its alert is raised (e.g. `7d`, `36h`).
+    #[arg(long, env = "TALLY_ALERT_EXPIRY_LEAD", default_value = "7d")]
+    pub alert_expiry_lead: String,
+    /// First retry delay of a failed delivery; doubles per attempt (e.g. `10s`).
+    #[arg(long, env = "TALLY_ALERT_RETRY_MIN_DELAY", default_value = "10s")]
+    pub alert_retry_min_delay: String,
+    /// Longest retry delay; deliveries are retried at this pace until they succeed.
+    #[arg(long, env = "TALLY_ALERT_RETRY_MAX_DELAY", default_value = "1h")]
+    pub alert_retry_max_delay: String,
+}
+
+fn parse_span(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(value.trim()).map_err(|e| ConfigError::Invalid {
+        field,
+        reason: format!("'{value}': {e} (use e.g. 7d, 36h, 90m, 30s)"),
+    })?;
+    if d.is_zero() {
+        return Err(ConfigError::Invalid {
+            field,
+            reason: "must be longer than zero".to_string(),
+        });
+    }
+    Ok(d)
+}
+
+impl AlertArgs {
+    pub fn validate(&self) -> Result<crate::alerts::AlertSettings, ConfigError> {
+        use secrecy::ExposeSecret;
+        let lead_field = "alert_expiry_lead (TALLY_ALERT_EXPIRY_LEAD)";
+        let lead = parse_span(lead_field, &self.alert_expiry_lead)?;
+        let expiry_lead = chrono::TimeDelta::from_std(lead)
+            .ok()
+            .filter(|d| *d <= chrono::TimeDelta::days(366))
+            .ok_or_else(|| ConfigError::Invalid {
+                field: lead_field,
+                reason: "must be at most 366 days".to_string(),
+            })?;
+        let retry_min_delay = parse_span(
+            "alert_retry_min_delay (TALLY_ALERT_RETRY_MIN_DELAY)",
+            &self.alert_retry_min_delay,
+        )?;
+        let retry_max_delay = parse_span(
+            "alert_retry_max_delay (TALLY_ALERT_RETRY_MAX_DELAY)",
+            &self.alert_retry_max_delay,
+        )?;
+        if retry_max_delay < retry_min_delay {
+            return Err(ConfigError::Invalid {
+                field: "alert_retry_max_delay (TALLY_ALERT_RETRY_MAX_DELAY)",
+                reason: "must not be shorter than TALLY_ALERT_RETRY_MIN_DELAY".to_string(),
+            });
+        }
+        let url = self
+            .alert_webhook_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty());
+        let webhook = match (url, &self.alert_webhook_secret) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    field: "alert_webhook_secret (TALLY_ALERT_WEBHOOK_SECRET)",
+                    reason: "is required with TALLY_ALERT_WEBHOOK_URL: deliveries are signed"
+                        .to_string(),
+                });
+            }
+            (Some(url), Some(secret)) => {
+                // The URL may carry a token of the receiver: errors describe it, never echo it.
+                let url_field = "alert_webhook_url (TALLY_ALERT_WEBHOOK_URL)";
+                let url: reqwest::Url = url.parse().map_err(|e| ConfigError::Invalid {
+                    field: url_field,
+                    reason: format!("not a URL: {e}"),
+                })?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                    return Err(ConfigError::Invalid {
+                        field: url_field,
+                        reason: "must be an http:// or https:// URL with a host".to_string(),
+                    });
+                }
+                if secret.0.expose_secret().len() < crate::alerts::MIN_SECRET_LEN {
+                    return Err(ConfigError::Invalid {
+                        field: "alert_webhook_secret (TALLY_ALERT_WEBHOOK_SECRET)",
+                        reason: format!(
+                            "must be at least {} characters",
+                            crate::alerts::MIN_SECRET_LEN
+                        ),
+                    });
+                }
+                Some(crate::alerts::Webhook {
+                    url,
+                    secret: secret.0.clone(),
+                })
+            }
+        };
+        Ok(crate::alerts::AlertSettings {
+            webhook,
+            expiry_lead,
+            retry_min_delay,
+            retry_max_delay,
+            ..crate::alerts::AlertSettings::default()
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum LedgerCommand {
     /// Replay the event log into fresh projections.
@@ -327,6 +638,60 @@ mod tests {
         };
         let err = args.validate().unwrap_err().to_string();
         assert!(err.contains("TALLY_LISTEN"), "{err}");
+    }
+
+    fn alert_args(url: Option<&str>, secret: Option<&str>, lead: &str) -> AlertArgs {
+        AlertArgs {
+            alert_webhook_url: url.map(str::to_string),
+            alert_webhook_secret: secret.map(|s| s.parse().unwrap()),
+            alert_expiry_lead: lead.to_string(),
+            alert_retry_min_delay: "10s".to_string(),
+            alert_retry_max_delay: "1h".to_string(),
+        }
+    }
+
+    #[test]
+    fn alert_settings_are_validated_and_the_secret_never_shown() {
+        let s = alert_args(None, None, "7d").validate().unwrap();
+        assert!(s.webhook.is_none());
+        assert_eq!(s.expiry_lead, chrono::TimeDelta::days(7));
+        let s = alert_args(None, None, "36h").validate().unwrap();
+        assert_eq!(s.expiry_lead, chrono::TimeDelta::hours(36));
+        for bad in ["7 parsecs", "", "0s", "400d"] {
+            let err = alert_args(None, None, bad)
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("TALLY_ALERT_EXPIRY_LEAD"), "{bad}: {err}");
+        }
+        let secret = "topsecret-0123456789";
+        let err = alert_args(Some("https://h.example/x"), None, "7d")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TALLY_ALERT_WEBHOOK_SECRET"), "{err}");
+        let err = alert_args(Some("ftp://h.example/tok123"), Some(secret), "7d")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TALLY_ALERT_WEBHOOK_URL") && !err.contains("tok123"),
+            "{err}"
+        );
+        let err = alert_args(Some("https://h.example/x"), Some("short"), "7d")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TALLY_ALERT_WEBHOOK_SECRET") && !err.contains("short"),
+            "{err}"
+        );
+        let s = alert_args(Some("https://h.example/x"), Some(secret), "7d")
+            .validate()
+            .unwrap();
+        assert!(s.webhook.is_some());
+        let shown = format!("{s:?} {:?}", alert_args(None, Some(secret), "7d"));
+        assert!(!shown.contains(secret), "{shown}");
     }
 
     #[test]

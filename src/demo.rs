@@ -8,6 +8,7 @@ use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use tally_gateway_core::config::GatewayConfig;
 use tally_gateway_core::mock::{MockBehavior, MockState};
@@ -38,6 +39,18 @@ pub async fn run_scenario(
     gateway: &str,
     mock: &MockState,
     now: DateTime<Utc>,
+) -> anyhow::Result<String> {
+    run_scenario_with(base, gateway, mock, now, None).await
+}
+
+/// [`run_scenario`]; with `statement_dir`, the flow ends by writing the demo account's
+/// statement of the current month there (CSV, from the statements API) and saying where.
+pub async fn run_scenario_with(
+    base: &str,
+    gateway: &str,
+    mock: &MockState,
+    now: DateTime<Utc>,
+    statement_dir: Option<&Path>,
 ) -> anyhow::Result<String> {
     let http = reqwest::Client::new();
     let mut out = String::new();
@@ -208,7 +221,74 @@ pub async fn run_scenario(
         out,
         "\nTry it: curl -s {base}/v1/accounts/{account_id}/balance ; curl -s '{base}/v1/accounts/{account_id}/ledger?limit=5'"
     )?;
+    if let Some(dir) = statement_dir {
+        write_statement(&mut out, &c, &account_id, now, dir).await?;
+    }
+    write_observability(&mut out, base, gateway)?;
     Ok(out)
+}
+
+/// Where this run's metrics are served and where the Grafana dashboards are kept.
+fn write_observability(out: &mut String, base: &str, gateway: &str) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "
+Metrics (Prometheus text format): {base}/metrics (ledger listener) and {gateway}/metrics (gateway listener)."
+    )?;
+    // The checkout this binary was built from, when it is still there.
+    let built_from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    let dashboards = if built_from.is_dir() {
+        built_from.display().to_string()
+    } else {
+        "dashboards/ in the tally repository".to_string()
+    };
+    writeln!(
+        out,
+        "Grafana dashboards: {dashboards} (JSON); provision them with dashboards/provisioning/ (Prometheus and PostgreSQL datasources), see dashboards/README.md."
+    )?;
+    Ok(())
+}
+
+/// Saves the account's statement of the month of `now` as CSV in `dir`, and summarises it.
+async fn write_statement(
+    out: &mut String,
+    c: &Client<'_>,
+    account_id: &str,
+    now: DateTime<Utc>,
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    let period = tally_ledger::statement::Period::containing(now)?;
+    let path = format!("/v1/accounts/{account_id}/statements/{period}");
+    let s = c.get(&path).await?;
+    let resp = c
+        .http
+        .get(format!("{}{path}?format=csv", c.base))
+        .send()
+        .await
+        .with_context(|| format!("GET {path}?format=csv"))?;
+    if !resp.status().is_success() {
+        bail!("{path}?format=csv: HTTP {}", resp.status());
+    }
+    let csv = resp.bytes().await?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join(format!(
+        "tally-demo-statement-{}-{period}.csv",
+        crate::api::exports::file_safe(account_id)
+    ));
+    std::fs::write(&file, &csv).with_context(|| format!("writing {}", file.display()))?;
+    writeln!(
+        out,
+        "\nStatement of {period}: purchases {}, grants {}, managed usage {} (upstream {} + fee {}), BYOK attributed {} (not charged), closing balance {}.\nSample statement (CSV) written to {}",
+        usd(&s["purchases_usd"]),
+        usd(&s["grants_usd"]),
+        usd(&s["managed_charged_usd"]),
+        usd(&s["managed_upstream_cost_usd"]),
+        usd(&s["managed_fee_usd"]),
+        usd(&s["byok_attributed_usd"]),
+        usd(&s["closing"]["balance_usd"]),
+        file.display()
+    )?;
+    Ok(file)
 }
 
 /// Usage reaches the ledger a moment after the response; wait until it is all applied.

@@ -1,5 +1,5 @@
-//! Starting the gateway role: key ring, decision cache, in-process event sink, the proxy, and
-//! the loops that keep the in-memory state in step with the database.
+//! Starting the gateway role: key ring, decision cache, event sink (in process or Kafka), the
+//! proxy, and the loops that keep the in-memory state in step with the database.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,64 +9,19 @@ use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use tally_gateway_core::decisions::{self, DecisionCache};
 use tally_gateway_core::keys::KeyRing;
+use tally_gateway_core::metrics::GlobalMetrics;
 use tally_gateway_core::proxy::{self, Gateway};
 use tally_gateway_core::secrets::Kek;
-use tally_gateway_core::sink::{InProcessSink, SinkStats};
+use tally_gateway_core::sink::{EventSink, InProcessSink, SinkStats};
 use tally_ingest::Store;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::config::GatewaySettings;
+use crate::config::{GatewaySettings, KafkaSettings};
 
 /// Other instances' key and credential changes are picked up this often; this instance's own
 /// admin writes reload at once.
 pub const KEYRING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
-/// The fleet-wide model metrics (`m.metrics.global.*`) are re-read from the ledger this often.
-pub const GLOBAL_METRICS_INTERVAL: Duration = Duration::from_secs(10);
-/// How far back the fleet-wide metrics look, in whole hours of the usage rollup.
-const GLOBAL_METRICS_WINDOW_HOURS: i64 = 1;
-
-/// Fleet-wide metrics from the ledger's hourly usage of every gateway: average upstream latency,
-/// error rate and output tokens per second per provider and model. Percentiles need the
-/// per-attempt feed of the Kafka pipeline and stay 0 here.
-pub async fn global_metrics(
-    pool: &sqlx::PgPool,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Result<tally_gateway_core::metrics::MetricsSnapshot, sqlx::Error> {
-    use tally_gateway_core::metrics::{LatencyView, MetricsView};
-    let since = now - chrono::Duration::hours(GLOBAL_METRICS_WINDOW_HOURS + 1);
-    let rows: Vec<(String, String, i64, i64, i64, i64)> = sqlx::query_as(
-        "select provider, model, sum(requests)::bigint, sum(failed_requests)::bigint,
-                sum(upstream_latency_ms_sum)::bigint, sum(output_tokens + reasoning_tokens)::bigint
-         from usage_hourly where hour >= $1 group by provider, model",
-    )
-    .bind(since)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter(|r| r.2 > 0)
-        .map(|(provider, model, requests, failed, ms, out)| {
-            // Metrics for routing, not money: floats are fine here.
-            let avg = ms as f64 / requests as f64;
-            let view = MetricsView {
-                latency: LatencyView {
-                    upstream_ms_avg: avg,
-                    upstream_ms_p50: 0.0,
-                    upstream_ms_p95: 0.0,
-                },
-                error_rate: failed as f64 / requests as f64,
-                tokens_per_second: if ms > 0 {
-                    out as f64 / (ms as f64 / 1000.0)
-                } else {
-                    0.0
-                },
-                requests: u64::try_from(requests).unwrap_or(0),
-            };
-            ((provider, model), view)
-        })
-        .collect())
-}
 
 /// `last_used_at` of gateway keys is written this often, in one statement.
 pub const LAST_USED_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -76,7 +31,8 @@ pub struct GatewayRuntime {
     pub gateway: Arc<Gateway>,
     pub keyring: Arc<KeyRing>,
     pub decisions: Arc<DecisionCache>,
-    pub sink_stats: Arc<SinkStats>,
+    /// The in-process sink's counters (none when events go through Kafka).
+    pub sink_stats: Option<Arc<SinkStats>>,
 }
 
 /// The KEK from configuration; `demo` may fall back to a fixed, published one because its data
@@ -96,11 +52,22 @@ pub fn kek(settings: &GatewaySettings, allow_demo_key: bool) -> anyhow::Result<K
     }
 }
 
+/// Where the gateway's usage events go.
+#[derive(Debug)]
+pub enum Bus<'a> {
+    /// The embedded default: applied to the ledger in this process.
+    InProcess,
+    /// Through Kafka: spooled on disk, produced to the usage topic; decisions and fleet
+    /// metrics come back on their topics.
+    Kafka(&'a KafkaSettings),
+}
+
 pub async fn start(
     store: Arc<Store>,
     settings: &GatewaySettings,
     kek: Kek,
     clock: Arc<dyn Clock>,
+    bus: Bus<'_>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<GatewayRuntime> {
     let pool = store.pool().clone();
@@ -115,22 +82,42 @@ pub async fn start(
         let c = Arc::clone(&clock);
         Arc::new(move || c.now())
     };
-    let (sink, _writer) = InProcessSink::start(
-        Arc::clone(&store),
-        Arc::clone(&decisions),
-        Arc::clone(&fn_clock),
-    );
-    let sink_stats = Arc::clone(&sink.stats);
-    let gateway = Arc::new(Gateway::new(
+    let global = Arc::new(GlobalMetrics::new());
+    let (sink, sink_stats): (Arc<dyn EventSink>, Option<Arc<SinkStats>>) = match bus {
+        Bus::InProcess => {
+            let (sink, _writer) = InProcessSink::start_with_fleet(
+                Arc::clone(&store),
+                Arc::clone(&decisions),
+                Some(Arc::clone(&global)),
+                Arc::clone(&fn_clock),
+            );
+            let stats = Arc::clone(&sink.stats);
+            (Arc::new(sink), Some(stats))
+        }
+        Bus::Kafka(kafka) => {
+            let sink = crate::pipeline::start_sink(kafka, stop.clone()).await?;
+            crate::pipeline::start_feedback(
+                kafka,
+                Arc::clone(&decisions),
+                Arc::clone(&global),
+                Arc::clone(&fn_clock),
+                stop.clone(),
+            )
+            .await?;
+            (sink, None)
+        }
+    };
+    let mut gateway = Gateway::new(
         settings.config.clone(),
         keyring.clone(),
         keyring.clone(),
         Arc::clone(&decisions),
-        Arc::new(sink),
+        sink,
         fn_clock,
-    )?);
+    )?;
+    gateway.global_metrics = global;
+    let gateway = Arc::new(gateway);
     spawn_loops(
-        Arc::clone(&gateway.global_metrics),
         pool,
         Arc::clone(&keyring),
         Arc::clone(&decisions),
@@ -146,7 +133,6 @@ pub async fn start(
 }
 
 fn spawn_loops(
-    global: Arc<tally_gateway_core::metrics::GlobalMetrics>,
     pool: sqlx::PgPool,
     keyring: Arc<KeyRing>,
     decisions: Arc<DecisionCache>,
@@ -175,20 +161,6 @@ fn spawn_loops(
             }
         }
     });
-    let mut stop_d = stop.clone();
-    let (p, c, g) = (pool.clone(), Arc::clone(&clock), Arc::clone(&global));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(GLOBAL_METRICS_INTERVAL);
-        loop {
-            tokio::select! { _ = tick.tick() => {}, _ = stop_d.changed() => return }
-            match global_metrics(&p, c.now()).await {
-                Ok(m) => g.set(m),
-                Err(e) => {
-                    tracing::warn!(error = %e, "fleet metrics refresh failed; keeping the last ones")
-                }
-            }
-        }
-    });
     let mut stop_c = stop;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(LAST_USED_FLUSH_INTERVAL);
@@ -211,7 +183,10 @@ pub async fn serve(
     runtime: &GatewayRuntime,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let app = proxy::router(Arc::clone(&runtime.gateway));
+    tally_gateway_core::telemetry::init();
+    // Every role's listener shows the process's metrics, the gateway's included.
+    let app = proxy::router(Arc::clone(&runtime.gateway))
+        .route("/metrics", axum::routing::get(crate::api::metrics));
     axum::serve(
         axum::serve::ListenerExt::tap_io(listener, |tcp| {
             // Small SSE frames must leave at once, not wait for Nagle.

@@ -1,7 +1,6 @@
 //! The `tally` binary: parse the command line, start logging, hand over to the library.
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -15,9 +14,6 @@ async fn main() -> anyhow::Result<()> {
         .log
         .clone()
         .unwrap_or_else(|| default_filter.to_string());
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(filter)?)
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = tally::observability::init(&filter, cli.common.otlp_endpoint.as_deref())?;
     tally::cli::run(cli).await
 }

@@ -1,5 +1,5 @@
-//! Every role in one process: the ledger API (with the admin API), the expiry sweep, and the
-//! gateway, sharing one store and stopping together.
+//! Every role in one process: the ledger API (with the admin API), the expiry sweep, the
+//! gateway and, with Kafka, the ingest consumer, sharing one store and stopping together.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +13,9 @@ use tokio::task::JoinHandle;
 
 use crate::api::AppState;
 use crate::clock::Clock;
-use crate::config::GatewaySettings;
+use crate::config::{GatewaySettings, KafkaSettings};
 use crate::gateway::{self, GatewayRuntime};
-use crate::server;
+use crate::{pipeline, server};
 
 #[derive(Debug)]
 pub struct Stack {
@@ -37,6 +37,10 @@ pub struct StackParts {
     pub settings: GatewaySettings,
     pub kek: tally_gateway_core::secrets::Kek,
     pub sweep_interval: Duration,
+    /// Kafka, when configured; otherwise the roles share the in-process bus.
+    pub kafka: Option<KafkaSettings>,
+    /// Run the Kafka ingest consumer in this process (needs `kafka`).
+    pub ingest: bool,
 }
 
 impl Stack {
@@ -50,16 +54,38 @@ impl Stack {
             settings,
             kek,
             sweep_interval,
+            kafka,
+            ingest,
         } = parts;
+        if ingest && kafka.is_none() {
+            anyhow::bail!("the ingest role consumes Kafka: set TALLY_KAFKA_BROKERS");
+        }
+        if let Some(k) = &kafka {
+            pipeline::prepare(k).await?;
+        }
+        let bus = match &kafka {
+            Some(k) => gateway::Bus::Kafka(k),
+            None => gateway::Bus::InProcess,
+        };
         let runtime = gateway::start(
             Arc::clone(&store),
             &settings,
             kek,
             Arc::clone(&clock),
+            bus,
             stop_rx.clone(),
         )
         .await?;
         let mut tasks = Vec::new();
+        if let (true, Some(k)) = (ingest, &kafka) {
+            let c = Arc::clone(&clock);
+            tasks.push(pipeline::start_ingest(
+                k,
+                Arc::clone(&store),
+                Arc::new(move || c.now()),
+                stop_rx.clone(),
+            )?);
+        }
         let ledger_addr = match ledger {
             Some(listener) => {
                 let addr = listener.local_addr()?;
@@ -110,6 +136,22 @@ impl Stack {
             stop,
             tasks,
         })
+    }
+
+    /// Runs the alert loops (evaluation, and webhook delivery when configured) beside the
+    /// ledger role; they stop with the rest of the stack.
+    pub fn start_alerts(
+        &mut self,
+        pool: sqlx::PgPool,
+        clock: Arc<dyn Clock>,
+        settings: crate::alerts::AlertSettings,
+    ) -> anyhow::Result<()> {
+        let engine = crate::alerts::AlertEngine::new(pool, clock, settings)?;
+        self.tasks.push(crate::alerts::spawn(
+            Arc::new(engine),
+            self.stop.subscribe(),
+        ));
+        Ok(())
     }
 
     /// Stops every server and loop and waits for the servers to finish their requests.

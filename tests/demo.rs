@@ -9,6 +9,20 @@ use sqlx::PgPool;
 #[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
 async fn demo_scenario_runs_end_to_end_over_http(pool: PgPool) {
     let live = common::live_stack(&pool, |_, _| {}).await;
+    demo_scenario(live, pool).await;
+}
+
+/// The same demo with Kafka configured: usage goes gateway → spool → broker → ingest group →
+/// ledger, decisions and fleet metrics come back over their topics.
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn demo_scenario_runs_through_kafka(pool: PgPool) {
+    let spool = tempfile::tempdir().unwrap();
+    let kafka = common::kafka_settings(spool.path());
+    let live = common::live_stack_with(&pool, Some(kafka), |_, _| {}).await;
+    demo_scenario(live, pool).await;
+}
+
+async fn demo_scenario(live: common::LiveStack, pool: PgPool) {
     let (clock, mock_state, ledger, gateway) = (live.clock, live.mock, live.ledger, live.gateway);
     let stack = live.stack;
     let report = tally::demo::run_scenario(&ledger, &gateway, &mock_state, clock.now())
@@ -29,6 +43,38 @@ async fn demo_scenario_runs_end_to_end_over_http(pool: PgPool) {
     }
     // The demo's provider keys never show in what it printed.
     assert!(!report.contains("sk-ant-demo"), "{report}");
+    // The fleet-wide metrics the strategies read come from what the ledger applied.
+    let global = stack
+        .runtime
+        .as_ref()
+        .unwrap()
+        .gateway
+        .global_metrics
+        .clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let key = |p: &str, m: &str| (p.to_string(), m.to_string());
+    loop {
+        let g = global.load();
+        let ready = g
+            .get(&key("openai", "gpt-4o"))
+            .is_some_and(|m| m.requests >= 22)
+            && g.contains_key(&key("anthropic", "claude-sonnet-4-5"));
+        if ready || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let g = global.load();
+    let openai = &g[&key("openai", "gpt-4o")];
+    assert!(
+        openai.requests >= 22 && openai.error_rate == 0.0 && openai.latency.upstream_ms_p95 > 0.0,
+        "{openai:?}"
+    );
+    let anthropic = &g[&key("anthropic", "claude-sonnet-4-5")];
+    assert!(
+        anthropic.error_rate > 0.4 && anthropic.error_rate < 0.6,
+        "half its attempts were 429s: {anthropic:?}"
+    );
     stack.stop().await.unwrap();
     let unbalanced: i64 =
         sqlx::query_scalar("select count(*) from (select 1 from ledger_entry group by event_seq having sum(amount_usd) <> 0) x")
@@ -36,20 +82,6 @@ async fn demo_scenario_runs_end_to_end_over_http(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(unbalanced, 0);
-    // The fleet-wide metrics the strategies read come from the same ledger.
-    let global = tally::gateway::global_metrics(&pool, clock.now())
-        .await
-        .unwrap();
-    let openai = &global[&("openai".to_string(), "gpt-4o".to_string())];
-    assert!(
-        openai.requests >= 22 && openai.error_rate == 0.0,
-        "{openai:?}"
-    );
-    let anthropic = &global[&("anthropic".to_string(), "claude-sonnet-4-5".to_string())];
-    assert!(
-        anthropic.error_rate > 0.4 && anthropic.error_rate < 0.6,
-        "half its attempts were 429s: {anthropic:?}"
-    );
     let managed_calls = mock_state.calls(tally::demo::DEMO_MANAGED_OPENAI_KEY);
     let metered: i64 = sqlx::query_scalar(
         "select coalesce(sum(requests), 0)::bigint from usage_hourly where credential_kind = 'managed'",

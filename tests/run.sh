@@ -52,10 +52,59 @@ if [ "$(cat "$SDK_VENV/.tally-requirements.sha256" 2>/dev/null || true)" != "$sd
 fi
 export TALLY_SDK_PYTHON="$SDK_VENV/bin/python"
 
+# A real Prometheus server for tests/dashboards.rs (every dashboard query must return data).
+if [ -z "${TALLY_PROMETHEUS_BIN:-}" ]; then
+  if ! command -v prometheus >/dev/null 2>&1; then
+    echo "tests/run.sh: installing Debian's prometheus package (tests/dashboards.rs scrapes tally with it)" >&2
+    { apt-get update && apt-get install -y prometheus; } || {
+      echo "tests/run.sh: FAILED: apt-get install -y prometheus (install Prometheus, or set TALLY_PROMETHEUS_BIN to its binary)" >&2
+      exit 1
+    }
+  fi
+  TALLY_PROMETHEUS_BIN="$(command -v prometheus)" || {
+    echo "tests/run.sh: FAILED: prometheus is not on PATH after installing it" >&2
+    exit 1
+  }
+fi
+export TALLY_PROMETHEUS_BIN
+
+# A Kafka-protocol broker for the pipeline tests: tansu from crates.io, built once and cached
+# (about 15 minutes the first time), started here on a free port and stopped at the end. Tests
+# that start and stop a broker of their own (outages) use the same binary.
+TANSU_ROOT="${TALLY_TANSU_ROOT:-$HOME/.cache/tally/tansu}"
+export TALLY_TANSU_BIN="$TANSU_ROOT/bin/tansu"
+if [ ! -x "$TALLY_TANSU_BIN" ]; then
+  echo "tests/run.sh: installing the tansu broker into $TANSU_ROOT (cached; about 15 minutes)" >&2
+  cargo install tansu --version 0.6.0 --locked --features postgres,dynostore --root "$TANSU_ROOT" || {
+    echo "tests/run.sh: FAILED: cargo install tansu" >&2
+    exit 1
+  }
+fi
+kafka_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+broker_log="$(mktemp)"
+"$TALLY_TANSU_BIN" broker \
+  --listener-url "tcp://127.0.0.1:${kafka_port}" \
+  --advertised-listener-url "tcp://127.0.0.1:${kafka_port}" \
+  --storage-engine "memory://tansu/" >"$broker_log" 2>&1 &
+broker_pid=$!
+stop_broker() { kill "$broker_pid" 2>/dev/null || true; wait "$broker_pid" 2>/dev/null || true; rm -f "$broker_log"; }
+trap stop_broker EXIT
+for _ in $(seq 1 60); do
+  (exec 3<>"/dev/tcp/127.0.0.1/${kafka_port}") 2>/dev/null && break
+  sleep 0.5
+done
+if ! (exec 3<>"/dev/tcp/127.0.0.1/${kafka_port}") 2>/dev/null; then
+  echo "tests/run.sh: FAILED: the tansu broker did not start on 127.0.0.1:${kafka_port}" >&2
+  cat "$broker_log" >&2
+  stop_broker
+  exit 1
+fi
+export TALLY_TEST_KAFKA_BROKERS="127.0.0.1:${kafka_port}"
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; stop_broker' EXIT
 set +e
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

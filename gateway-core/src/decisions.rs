@@ -58,9 +58,27 @@ impl DecisionCache {
     ) {
         for s in states {
             if let Ok(d) = decide(s, now) {
-                self.decisions.insert(s.account_id.clone(), d);
+                self.apply(d);
             }
         }
+    }
+
+    /// Takes `decision` unless the cache holds one evaluated later: decisions arrive by several
+    /// paths (this process's commits, the decisions topic, the refresher), and a slow one must
+    /// not overwrite a newer one. Returns whether it was taken.
+    pub fn apply(&self, decision: Decision) -> bool {
+        match self.decisions.entry(decision.account_id.clone()) {
+            dashmap::Entry::Occupied(mut e) => {
+                if e.get().evaluated_at > decision.evaluated_at {
+                    return false;
+                }
+                e.insert(decision);
+            }
+            dashmap::Entry::Vacant(e) => {
+                e.insert(decision);
+            }
+        }
+        true
     }
 
     /// Re-decides every account whose ledger changed since the last call, and every account

@@ -28,6 +28,8 @@ pub enum GatewayError {
     Upstream { status: u16, message: String },
     #[error("the upstream did not answer in time")]
     Timeout,
+    #[error("usage metering is unavailable: managed requests are refused until it recovers")]
+    MeteringUnavailable,
 }
 
 impl GatewayError {
@@ -84,6 +86,12 @@ impl GatewayError {
                 (StatusCode::BAD_GATEWAY, "upstream_error", "api_error")
             }
             GatewayError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "api_error"),
+            // The gateway's own metering is down (its event spool is full): retryable.
+            GatewayError::MeteringUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "metering_unavailable",
+                "api_error",
+            ),
         }
     }
 

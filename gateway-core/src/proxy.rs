@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tally_ledger::event::{TokenCounts, TokenSource, Usage};
 use tally_ledger::{CredentialKind, Event, EventBody};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::catalog::{self, ApiShape};
@@ -29,6 +30,7 @@ use crate::metrics::{GlobalMetrics, ModelMetrics};
 use crate::routes::CredentialChoice;
 use crate::sink::EventSink;
 use crate::strategy::{AUTO_MODEL, CandidateInfo, PreparedCache, Strategies, auto_candidates};
+use crate::telemetry;
 use crate::tokens;
 
 /// The endpoint a request reaches when its path names none.
@@ -350,7 +352,20 @@ async fn models_endpoint(
 }
 
 fn list_models(gw: &Gateway, endpoint: &str, headers: &HeaderMap) -> Response {
+    let started = Instant::now();
+    let response = models_response(gw, endpoint, headers);
+    telemetry::observe_request(
+        "models",
+        response.status().as_u16(),
+        started.elapsed(),
+        &telemetry::Attempts::default(),
+    );
+    response
+}
+
+fn models_response(gw: &Gateway, endpoint: &str, headers: &HeaderMap) -> Response {
     if let Err(e) = bearer(headers).and_then(|t| gw.auth.verify(t, endpoint)) {
+        telemetry::observe_denial(&e);
         return e.into_response_for(ApiShape::OpenAi);
     }
     let data: Vec<Value> = catalog::PROVIDERS
@@ -625,18 +640,47 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // The request's span continues the client's trace when it sent one; its context travels
+    // with every usage event (Kafka headers) into the ingest span.
+    let span = tracing::info_span!("gateway.request", api = ?shape, endpoint = %endpoint);
+    crate::trace::continue_from_headers(&span, &headers);
     // On its own task: a client that hangs up while the provider works must not cancel the
     // attempt half-way, or an upstream call the provider bills would go unmetered.
-    let task = tokio::spawn(async move { handle_inner(&gw, shape, endpoint, headers, body).await });
-    match task.await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => e.into_response_for(shape),
-        Err(_) => GatewayError::Upstream {
-            status: 500,
-            message: "internal error".into(),
+    let started = Instant::now();
+    let task = tokio::spawn(
+        async move {
+            let mut attempts = telemetry::Attempts::default();
+            let answer = handle_inner(&gw, shape, endpoint, headers, body, &mut attempts).await;
+            (answer, attempts)
         }
-        .into_response_for(shape),
-    }
+        .instrument(span),
+    );
+    let (response, attempts) = match task.await {
+        Ok((Ok(r), attempts)) => (r, attempts),
+        Ok((Err(e), attempts)) => {
+            telemetry::observe_denial(&e);
+            (e.into_response_for(shape), attempts)
+        }
+        Err(_) => (
+            GatewayError::Upstream {
+                status: 500,
+                message: "internal error".into(),
+            }
+            .into_response_for(shape),
+            telemetry::Attempts::default(),
+        ),
+    };
+    let api = match shape {
+        ApiShape::OpenAi => "openai",
+        ApiShape::Anthropic => "anthropic",
+    };
+    telemetry::observe_request(
+        api,
+        response.status().as_u16(),
+        started.elapsed(),
+        &attempts,
+    );
+    response
 }
 
 async fn handle_inner(
@@ -645,6 +689,7 @@ async fn handle_inner(
     endpoint: String,
     headers: HeaderMap,
     body: Bytes,
+    attempts: &mut telemetry::Attempts,
 ) -> Result<Response, GatewayError> {
     let started = Instant::now();
     let caller = gw.auth.verify(bearer(&headers)?, &endpoint)?;
@@ -679,6 +724,7 @@ async fn handle_inner(
     let mut attempt = 0u32;
     let mut last_error: Option<GatewayError> = None;
     let mut denied_for_credits = false;
+    let mut denied_for_metering = false;
     // A route and a plain name may both lead to the same model and key: never try one twice.
     let mut tried: std::collections::HashSet<(String, String, String)> =
         std::collections::HashSet::new();
@@ -702,7 +748,10 @@ async fn handle_inner(
             };
             let mut keys = customer;
             if managed_allowed && !gw.managed_keys(&cand.provider).is_empty() {
-                if gw.decisions.allow_managed(&ctx.caller.account_id, gw.now()) {
+                if !gw.sink.accepts_managed() {
+                    // Usage on the operator's keys that could not be metered: refuse it.
+                    denied_for_metering |= keys.is_empty();
+                } else if gw.decisions.allow_managed(&ctx.caller.account_id, gw.now()) {
                     keys.extend(gw.managed_keys(&cand.provider).iter().cloned());
                 } else if keys.is_empty() {
                     denied_for_credits = true;
@@ -710,7 +759,7 @@ async fn handle_inner(
             }
             keys
         };
-        if keys.is_empty() && !denied_for_credits {
+        if keys.is_empty() && !denied_for_credits && !denied_for_metering {
             last_error.get_or_insert(GatewayError::NoCredentials(cand.provider.clone()));
         }
         for key in keys {
@@ -726,15 +775,27 @@ async fn handle_inner(
                 break 'candidates;
             }
             attempt += 1;
-            match try_once(gw, &ctx, cand, &key, attempt).await {
+            let attempt_started = Instant::now();
+            let outcome = try_once(gw, &ctx, cand, &key, attempt).await;
+            attempts.record(
+                &cand.provider,
+                &cand.model,
+                key.kind,
+                attempt_started.elapsed(),
+            );
+            match outcome {
                 AttemptOutcome::Done(r) => return Ok(r),
                 AttemptOutcome::Failover(e) => {
+                    telemetry::observe_failover(&cand.provider, &e);
                     tracing::info!(request_id = %ctx.request_id, provider = %cand.provider, model = %cand.model,
                         credential_kind = key.kind.as_str(), attempt, error = %e, "attempt failed; failing over");
                     last_error = Some(e);
                 }
             }
         }
+    }
+    if attempt == 0 && denied_for_metering {
+        return Err(GatewayError::MeteringUnavailable);
     }
     if attempt == 0 && denied_for_credits {
         return Err(GatewayError::CreditsExhausted);
@@ -937,6 +998,7 @@ impl Meter {
             (200..300).contains(&status),
             tokens.output + tokens.reasoning,
         );
+        telemetry::observe_tokens(&self.provider, &self.model, self.key.kind, &tokens);
         let total_ms = u64::try_from(self.started.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .max(upstream_ms);
@@ -1127,47 +1189,51 @@ fn stream_response(
     let wants_usage = ctx.client_wants_usage;
     let request = ctx.body.clone();
     let model = cand.model.clone();
-    tokio::spawn(async move {
-        let mut events = resp.bytes_stream().eventsource();
-        let mut tally = StreamTally::default();
-        let mut status = 200u16;
-        while let Some(next) = events.next().await {
-            match next {
-                Ok(ev) => {
-                    if ev.data != "[DONE]" && !tally.observe(shape, &ev.data, wants_usage) {
-                        continue;
-                    }
-                    let mut frame = String::with_capacity(ev.data.len() + 16);
-                    if !ev.event.is_empty() && ev.event != "message" {
-                        frame.push_str("event: ");
-                        frame.push_str(&ev.event);
+    let span = tracing::Span::current();
+    tokio::spawn(
+        async move {
+            let mut events = resp.bytes_stream().eventsource();
+            let mut tally = StreamTally::default();
+            let mut status = 200u16;
+            while let Some(next) = events.next().await {
+                match next {
+                    Ok(ev) => {
+                        if ev.data != "[DONE]" && !tally.observe(shape, &ev.data, wants_usage) {
+                            continue;
+                        }
+                        let mut frame = String::with_capacity(ev.data.len() + 16);
+                        if !ev.event.is_empty() && ev.event != "message" {
+                            frame.push_str("event: ");
+                            frame.push_str(&ev.event);
+                            frame.push('\n');
+                        }
+                        for line in ev.data.split('\n') {
+                            frame.push_str("data: ");
+                            frame.push_str(line);
+                            frame.push('\n');
+                        }
                         frame.push('\n');
+                        if tx.send(Ok(Bytes::from(frame))).await.is_err() {
+                            // The client went away: bill what was produced so far.
+                            status = 499;
+                            break;
+                        }
                     }
-                    for line in ev.data.split('\n') {
-                        frame.push_str("data: ");
-                        frame.push_str(line);
-                        frame.push('\n');
-                    }
-                    frame.push('\n');
-                    if tx.send(Ok(Bytes::from(frame))).await.is_err() {
-                        // The client went away: bill what was produced so far.
-                        status = 499;
+                    Err(_) => {
+                        // The upstream broke mid-stream; the client sees the stream end early.
+                        status = 502;
+                        let _ = tx
+                            .send(Err(std::io::Error::other("upstream stream aborted")))
+                            .await;
                         break;
                     }
                 }
-                Err(_) => {
-                    // The upstream broke mid-stream; the client sees the stream end early.
-                    status = 502;
-                    let _ = tx
-                        .send(Err(std::io::Error::other("upstream stream aborted")))
-                        .await;
-                    break;
-                }
             }
+            let (tokens, source) = tally.tokens(&model, &request);
+            meter.emit(status, tokens, source);
         }
-        let (tokens, source) = tally.tokens(&model, &request);
-        meter.emit(status, tokens, source);
-    });
+        .instrument(span),
+    );
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut r = Response::new(body);
     r.headers_mut().insert(

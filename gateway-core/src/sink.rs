@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tally_ingest::fleet::{FleetAggregator, FleetView};
 use tally_ingest::{BatchMode, Store};
-use tally_ledger::Event;
+use tally_ledger::{Event, EventBody};
 use tokio::sync::mpsc;
 
 use crate::decisions::DecisionCache;
+use crate::metrics::GlobalMetrics;
 
 /// Events buffered between the request path and the ledger writer.
 pub const SINK_CHANNEL_CAPACITY: usize = 65_536;
@@ -26,6 +28,12 @@ pub const SINK_RETRY_DELAY: Duration = Duration::from_millis(500);
 pub trait EventSink: Send + Sync + std::fmt::Debug {
     /// Takes ownership of the event; never blocks the caller.
     fn send(&self, event: Event);
+
+    /// Whether managed traffic may be served: false while the sink cannot record the usage it
+    /// would cause (a full spool under the deny-managed policy).
+    fn accepts_managed(&self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, Default)]
@@ -63,10 +71,64 @@ impl InProcessSink {
         decisions: Arc<DecisionCache>,
         clock: Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>,
     ) -> (InProcessSink, tokio::task::JoinHandle<()>) {
+        Self::start_with_fleet(store, decisions, None, clock)
+    }
+
+    /// Like [`InProcessSink::start`], also feeding the fleet model metrics into `global` from
+    /// what it applies, as the Kafka pipeline's ingest does (the embedded bus is the fleet).
+    pub fn start_with_fleet(
+        store: Arc<Store>,
+        decisions: Arc<DecisionCache>,
+        global: Option<Arc<GlobalMetrics>>,
+        clock: Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>,
+    ) -> (InProcessSink, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(SINK_CHANNEL_CAPACITY);
         let stats = Arc::new(SinkStats::default());
-        let handle = tokio::spawn(writer(rx, store, decisions, clock, Arc::clone(&stats)));
+        let fleet = global.map(|g| Fleet {
+            global: g,
+            aggregator: FleetAggregator::new(),
+            view: FleetView::new(),
+        });
+        let handle = tokio::spawn(writer(
+            rx,
+            store,
+            decisions,
+            fleet,
+            clock,
+            Arc::clone(&stats),
+        ));
         (InProcessSink { tx, stats }, handle)
+    }
+}
+
+/// The embedded bus's share of the fleet metrics: what it applied, published to the gateway's
+/// global metrics after every batch.
+struct Fleet {
+    global: Arc<GlobalMetrics>,
+    aggregator: FleetAggregator,
+    view: FleetView,
+}
+
+impl Fleet {
+    fn record(
+        &mut self,
+        batch: &[Event],
+        report: &tally_ingest::BatchReport,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        let applied: std::collections::HashSet<&uuid::Uuid> = report.applied.iter().collect();
+        for e in batch {
+            if let EventBody::Usage(u) = &e.body
+                && applied.contains(&e.event_id)
+            {
+                self.aggregator.record(u, now);
+            }
+        }
+        // Cheap (a merge over a few hundred slots and models), so the strategies see every
+        // batch at once.
+        self.view.absorb(self.aggregator.report("in-process", now));
+        self.global
+            .set(crate::feedback::snapshot_of(&mut self.view, now));
     }
 }
 
@@ -74,6 +136,7 @@ async fn writer(
     mut rx: mpsc::Receiver<Event>,
     store: Arc<Store>,
     decisions: Arc<DecisionCache>,
+    mut fleet: Option<Fleet>,
     clock: Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>,
     stats: Arc<SinkStats>,
 ) {
@@ -108,9 +171,12 @@ async fn writer(
                     tracing::error!(event_id = %r.event_id, error = %r.error, "usage event refused by the ledger");
                 }
                 decisions.update_from_states(report.states.values(), now);
+                if let Some(f) = fleet.as_mut() {
+                    f.record(&batch, &report, now);
+                }
                 batch.clear();
             }
-            Err(e) if is_transient(&e) => {
+            Err(e) if e.is_transient() => {
                 // The database is down or busy: keep the batch and retry; ingest is idempotent
                 // by event id, so a retry never double counts.
                 stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -135,7 +201,7 @@ async fn writer(
                                 decisions.update_from_states(report.states.values(), clock());
                                 break;
                             }
-                            Err(e) if is_transient(&e) => {
+                            Err(e) if e.is_transient() => {
                                 tokio::time::sleep(SINK_RETRY_DELAY).await
                             }
                             Err(e) => {
@@ -149,28 +215,6 @@ async fn writer(
                 }
             }
         }
-    }
-}
-
-/// Errors worth waiting out: the connection or pool, or a transaction the database asks to
-/// retry.
-fn is_transient(e: &tally_ingest::StoreError) -> bool {
-    match e {
-        tally_ingest::StoreError::Database(db) => match db {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_) => true,
-            sqlx::Error::Database(d) => d.code().is_some_and(|c| {
-                c.starts_with("08")
-                    || c.starts_with("57P")
-                    || c == "40001"
-                    || c == "40P01"
-                    || c == "53300"
-            }),
-            _ => false,
-        },
-        _ => false,
     }
 }
 

@@ -25,3 +25,28 @@ pub enum StoreError {
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
 }
+
+impl StoreError {
+    /// Errors worth waiting out and retrying the same batch: the connection or the pool, or a
+    /// transaction the database asks to retry. Ingest is idempotent, so a retry never counts
+    /// twice.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database(db) => match db {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_) => true,
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                    c.starts_with("08")
+                        || c.starts_with("57P")
+                        || c == "40001"
+                        || c == "40P01"
+                        || c == "53300"
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}

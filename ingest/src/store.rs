@@ -244,7 +244,12 @@ impl Store {
                 .await
             {
                 Err(StoreError::Database(e)) if attempts < 3 && is_unique_violation(&e) => continue,
-                other => return other,
+                other => {
+                    if let Err(StoreError::Rejected { index, .. }) = &other {
+                        crate::telemetry::observe_refused(events.get(*index));
+                    }
+                    return other;
+                }
             }
         }
     }
@@ -447,6 +452,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        crate::telemetry::observe_batch(events, &report, &items, &prices, now);
         self.notify(&report.states, now);
         Ok((
             report,

@@ -7,6 +7,7 @@
 //! - [`posting`]: double-entry ledger accounts and postings.
 //! - [`account`]: an account's state and [`account::apply`], the fold step of every projection.
 //! - [`decision`]: allow or deny managed traffic.
+//! - [`statement`]: finance statements and platform reports, folded from ledger lines.
 //!
 //! The PostgreSQL store (crate `tally-ingest`) loads state, calls [`account::apply`] inside one
 //! transaction per batch and writes the results; replaying the log through the same function
@@ -22,6 +23,7 @@ pub mod lot;
 pub mod money;
 pub mod posting;
 pub mod pricing;
+pub mod statement;
 
 pub use account::{AccountState, Applied, Totals, UsageCharge, apply};
 pub use decision::{Decision, DecisionReason, decide};

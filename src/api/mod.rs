@@ -1,8 +1,11 @@
 //! The ledger role's HTTP API (JSON). Every error has the shape
 //! `{"error":{"code":"...","message":"..."}}`; see `openapi.yaml` for the whole contract.
 
+pub mod alerts;
 pub mod error;
+pub mod exports;
 pub mod extract;
+pub mod request_logs;
 
 use std::sync::Arc;
 
@@ -47,9 +50,11 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    tally_gateway_core::telemetry::init();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/openapi.yaml", get(openapi))
+        .route("/metrics", get(metrics))
         .route("/v1/accounts", post(create_account))
         .route("/v1/accounts/{account_id}", get(get_account))
         .route("/v1/accounts/{account_id}/purchases", post(purchase))
@@ -61,7 +66,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/accounts/{account_id}/balance", get(balance))
         .route("/v1/accounts/{account_id}/ledger", get(ledger))
+        .route(
+            "/v1/accounts/{account_id}/statements/{period}",
+            get(exports::account_statement),
+        )
+        .route("/v1/exports/platform", get(exports::platform))
         .route("/v1/usage", get(usage))
+        .route("/v1/request-logs", get(request_logs::list))
+        .route("/v1/alerts", get(alerts::list))
         .route("/v1/enforcement/{account_id}", get(enforcement))
         .route("/v1/events", post(post_events))
         .route("/v1/events/conflicts", get(list_conflicts))
@@ -80,6 +92,18 @@ async fn healthz(State(s): State<AppState>) -> Result<Json<serde_json::Value>, A
         .await
         .map_err(tally_ingest::StoreError::from)?;
     Ok(Json(serde_json::json!({"status": "ok"})))
+}
+
+/// Prometheus text exposition of every metric of this process: all roles register in the one
+/// default registry, so any listener shows them all.
+pub async fn metrics() -> axum::response::Response {
+    match prometheus::TextEncoder::new().encode_to_string(&prometheus::gather()) {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding metrics failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }
 
 async fn openapi() -> impl IntoResponse {

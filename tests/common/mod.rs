@@ -205,6 +205,15 @@ pub async fn live_stack(
     pool: &PgPool,
     tweak: impl FnOnce(&mut tally_gateway_core::config::GatewayConfig, std::net::SocketAddr),
 ) -> LiveStack {
+    live_stack_with(pool, None, tweak).await
+}
+
+/// Like [`live_stack`], with every role going through Kafka when `kafka` is given.
+pub async fn live_stack_with(
+    pool: &PgPool,
+    kafka: Option<tally::config::KafkaSettings>,
+    tweak: impl FnOnce(&mut tally_gateway_core::config::GatewayConfig, std::net::SocketAddr),
+) -> LiveStack {
     use tally::clock::{Clock, SystemClock};
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = Arc::new(Store::open(pool.clone(), clock.now()).await.unwrap());
@@ -227,6 +236,8 @@ pub async fn live_stack(
         settings,
         kek: tally_gateway_core::secrets::Kek::from_bytes(&[7; 32]),
         sweep_interval: std::time::Duration::from_secs(60),
+        ingest: kafka.is_some(),
+        kafka,
     })
     .await
     .unwrap();
@@ -240,4 +251,68 @@ pub async fn live_stack(
         mock_addr,
         clock,
     }
+}
+
+/// The test broker's address, from `tests/run.sh`; a test that needs it fails loudly without it.
+pub fn kafka_brokers() -> String {
+    std::env::var("TALLY_TEST_KAFKA_BROKERS").expect(
+        "TALLY_TEST_KAFKA_BROKERS is not set: run the suite with tests/run.sh, which starts a \
+         Kafka-protocol broker (tansu), or point it at a broker",
+    )
+}
+
+/// Kafka settings with topics and a group of their own, so tests sharing the broker never see
+/// each other's messages.
+pub fn kafka_settings(spool_dir: &std::path::Path) -> tally::config::KafkaSettings {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let run = &run[..12];
+    let mut config = tally_ingest::kafka::KafkaConfig::new(kafka_brokers());
+    config.topics = tally_ingest::kafka::Topics {
+        usage: format!("t{run}.usage"),
+        credits: format!("t{run}.credits"),
+        decisions: format!("t{run}.decisions"),
+        metrics: format!("t{run}.metrics"),
+        dead_letter: format!("t{run}.dead-letter"),
+    };
+    config.partitions = 3;
+    config.group_id = format!("t{run}.ingest");
+    tally::config::KafkaSettings {
+        config,
+        spool_dir: spool_dir.to_path_buf(),
+        spool_max_bytes: 64 << 20,
+        spool_full_policy: tally::config::SpoolFullArg::DenyManaged,
+    }
+}
+
+/// Opens `account` over the live ledger API, buys `credits` (unless `None`) and creates a
+/// gateway key on the default endpoint; returns the key's token.
+pub async fn account_with_key(ledger: &str, account: &str, credits: Option<&str>) -> String {
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{ledger}/v1/accounts"))
+        .json(&json!({"account_id": account, "name": account}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    if let Some(amount) = credits {
+        let r = http
+            .post(format!("{ledger}/v1/accounts/{account}/purchases"))
+            .json(&json!({"amount_usd": amount}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+    let r = http
+        .post(format!("{ledger}/v1/accounts/{account}/keys"))
+        .json(&json!({"endpoint_id": "default"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
