@@ -21,7 +21,7 @@ use tally::alerts::{
     ALERT_ID_HEADER, AlertEngine, AlertKind, AlertSettings, SIGNATURE_HEADER, Webhook,
     verify_signature,
 };
-use tally::clock::{Clock, SystemClock};
+use tally::clock::Clock;
 
 const SECRET: &str = "whsec-test-0123456789abcdef";
 
@@ -379,10 +379,11 @@ async fn lots_are_alerted_once_within_the_lead_time(pool: PgPool) {
     assert_eq!(engine.deliver_due().await.unwrap().delivered, 0);
 }
 
+/// The loops as `tally serve` runs them (`Stack::start_alerts`), in real time: backoff delays
+/// of 100 ms to 400 ms, so the refused deliveries are retried within a second or so.
 #[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
 async fn the_running_loops_retry_with_backoff_until_delivered(pool: PgPool) {
-    let h = Harness::new(pool.clone()).await;
-    h.clock.set(Utc::now());
+    let mut live = common::live_stack(&pool, |_, _| {}).await;
     let (rx, webhook) = receiver(2).await;
     let settings = AlertSettings {
         webhook: Some(webhook),
@@ -391,14 +392,39 @@ async fn the_running_loops_retry_with_backoff_until_delivered(pool: PgPool) {
         poll_interval: StdDuration::from_millis(50),
         ..AlertSettings::default()
     };
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let engine = Arc::new(AlertEngine::new(pool.clone(), clock, settings).unwrap());
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let loops = tally::alerts::spawn(engine, stop_rx);
+    live.stack
+        .start_alerts(pool.clone(), Arc::clone(&live.clock), settings)
+        .unwrap();
 
-    open_account(&h, "acme", "5.00").await;
-    h.buy("acme", "10.00").await;
-    spend(&h, "acme", 1, 2).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        let req = http.post(format!("{}{path}", live.ledger)).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+        }
+    };
+    post(
+        "/v1/accounts",
+        json!({"account_id": "acme", "name": "Acme", "low_balance_threshold_usd": "5.00"}),
+    )
+    .await;
+    post(
+        "/v1/accounts/acme/purchases",
+        json!({"amount_usd": "10.00"}),
+    )
+    .await;
+    let e = usage(
+        "acme",
+        1,
+        Utc::now(),
+        "k1",
+        "managed",
+        "openai:gpt-4o",
+        2_000_000,
+        0,
+    );
+    post("/v1/events", json!({"events": [e]})).await;
 
     let deadline = std::time::Instant::now() + StdDuration::from_secs(20);
     while rx.deduped().is_empty() {
@@ -428,6 +454,6 @@ async fn the_running_loops_retry_with_backoff_until_delivered(pool: PgPool) {
         assert!(std::time::Instant::now() < deadline, "{rows:?}");
         tokio::time::sleep(StdDuration::from_millis(20)).await;
     }
-    stop.send(true).unwrap();
-    loops.await.unwrap().unwrap();
+    // The loops stop with the stack.
+    live.stack.stop().await.unwrap();
 }

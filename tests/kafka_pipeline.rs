@@ -308,9 +308,8 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_never_block_the_partiti
     ] {
         assert!(all.contains(expected), "{expected:?} missing in {all}");
     }
-    assert_eq!(
+    assert!(
         tally_ingest::telemetry::DEAD_LETTERS.get() >= 4,
-        true,
         "dead letters are counted"
     );
     stop.send(true).unwrap();

@@ -64,11 +64,11 @@ pub async fn run(
         match decode_feedback(&cfg, &m) {
             Ok(Feedback::Decision(d)) => {
                 let now = clock();
-                if decisions.apply(d.decision) {
-                    if let Some(at) = d.source_event_at {
-                        let secs = (now - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-                        telemetry::DECISION_PROPAGATION.observe(secs.max(0.0));
-                    }
+                if decisions.apply(d.decision)
+                    && let Some(at) = d.source_event_at
+                {
+                    let secs = (now - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                    telemetry::DECISION_PROPAGATION.observe(secs.max(0.0));
                 }
             }
             Ok(Feedback::Metrics(report)) => {

@@ -583,3 +583,174 @@ async fn an_outage_longer_than_the_delivery_timeout_is_retried_from_the_spool_in
     let s = shutdown(runner).await;
     assert_eq!((s.depth_events, s.dropped), (0, 0), "{s:?}");
 }
+
+mod proxy_policy {
+    //! The deny-managed policy as clients see it: the proxy over real sockets with a full spool.
+
+    use std::sync::Arc;
+
+    use secrecy::SecretString;
+    use serde_json::{Value, json};
+    use tally_gateway_core::config::GatewayConfig;
+    use tally_gateway_core::decisions::DecisionCache;
+    use tally_gateway_core::error::GatewayError;
+    use tally_gateway_core::proxy::{
+        self, Authenticator, Caller, CredentialSource, CustomProvider, Gateway, UpstreamKey,
+    };
+    use tally_ledger::{Decision, DecisionReason, Money};
+
+    use super::*;
+
+    const MANAGED_KEY: &str = "sk-managed-openai-1";
+    const BYOK_KEY: &str = "sk-byok-beta-1";
+
+    #[derive(Debug)]
+    struct Auth;
+
+    impl Authenticator for Auth {
+        fn verify(&self, token: &str, _endpoint_id: &str) -> Result<Caller, GatewayError> {
+            let account = match token {
+                "tly_managed" => "acme",
+                "tly_byok" => "beta",
+                _ => return Err(GatewayError::Unauthenticated),
+            };
+            Ok(Caller {
+                account_id: account.into(),
+                endpoint_id: "default".into(),
+                api_key_id: format!("key_{account}"),
+            })
+        }
+    }
+
+    /// `beta` brings its own OpenAI key; `acme` uses the operator's.
+    #[derive(Debug)]
+    struct Creds;
+
+    impl CredentialSource for Creds {
+        fn credentials_for(
+            &self,
+            account_id: &str,
+            _api_key_id: &str,
+            provider: &str,
+        ) -> Vec<Arc<UpstreamKey>> {
+            if account_id != "beta" || provider != "openai" {
+                return Vec::new();
+            }
+            vec![Arc::new(UpstreamKey {
+                credential_id: "cred-byok".into(),
+                account_id: "beta".into(),
+                provider: "openai".into(),
+                kind: CredentialKind::Byok,
+                api_key_id: None,
+                masked: String::new(),
+                api_key: SecretString::from(BYOK_KEY),
+            })]
+        }
+
+        fn custom_provider(&self, _account_id: &str, _provider: &str) -> Option<CustomProvider> {
+            None
+        }
+    }
+
+    async fn chat(base: &str, token: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(token)
+            .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_spool_makes_the_proxy_refuse_managed_requests_with_503_until_it_drains() {
+        logs();
+        let (mock_addr, mock) = tally_gateway_core::mock::spawn("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let mut broker = Broker::reserve();
+        let topic = topic_name();
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, runner) = KafkaSink::start(config(
+            &broker.bootstrap(),
+            &topic,
+            dir.path(),
+            4096,
+            SpoolFullPolicy::DenyManaged,
+        ))
+        .await
+        .unwrap();
+
+        let mut gw_config = GatewayConfig::default();
+        gw_config
+            .base_url_overrides
+            .insert("openai".into(), format!("http://{mock_addr}/v1"));
+        gw_config
+            .managed_keys
+            .insert("openai".into(), vec![SecretString::from(MANAGED_KEY)]);
+        let decisions = DecisionCache::new();
+        decisions.apply(Decision {
+            account_id: "acme".into(),
+            allow_managed: true,
+            allow_byok: true,
+            reason: DecisionReason::Ok,
+            available_usd: Money::from_cents(10_000),
+            spendable_usd: Money::from_cents(10_000),
+            debt_usd: Money::ZERO,
+            low_balance_threshold_usd: Money::ZERO,
+            low_balance: false,
+            evaluated_at: Utc::now(),
+            next_change_at: None,
+        });
+        let gw = Gateway::new(
+            gw_config,
+            Arc::new(Auth),
+            Arc::new(Creds),
+            decisions,
+            Arc::new(sink.clone()),
+            Arc::new(Utc::now),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, proxy::router(Arc::new(gw))).await });
+
+        let (s, b) = chat(&base, "tly_managed").await;
+        assert_eq!(s, 200, "{b}");
+
+        for i in 0..40 {
+            sink.send(usage("acct_other", i));
+        }
+        eventually("the spool to overflow", Duration::from_secs(10), || {
+            let s = sink.stats();
+            s.spooled + s.dropped == s.accepted && s.dropped > 0
+        })
+        .await;
+        let managed_calls = mock.calls(MANAGED_KEY);
+        let (s, b) = chat(&base, "tly_managed").await;
+        assert_eq!(s, 503, "{b}");
+        assert_eq!(b["error"]["code"], "metering_unavailable", "{b}");
+        assert_eq!(b["error"]["type"], "api_error", "{b}");
+        assert_eq!(
+            mock.calls(MANAGED_KEY),
+            managed_calls,
+            "no unmetered managed call"
+        );
+        // The customer's own key costs the operator nothing: still served.
+        let (s, b) = chat(&base, "tly_byok").await;
+        assert_eq!(s, 200, "{b}");
+
+        broker.start();
+        broker.create_topic(&topic, PARTITIONS).await;
+        eventually("the spool to drain", Duration::from_secs(30), || {
+            sink.accepts_managed()
+        })
+        .await;
+        let (s, b) = chat(&base, "tly_managed").await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(mock.calls(MANAGED_KEY), managed_calls + 1);
+        shutdown(runner).await;
+    }
+}

@@ -151,10 +151,14 @@ pub struct FleetReport {
 /// Distinct (provider, model) pairs counted at once; clients can invent model names.
 pub const MAX_MODELS: usize = 4096;
 
+/// (provider, model) → its window.
+pub type ModelWindows = HashMap<(String, String), ModelWindow>;
+
 /// Counts applied usage in time slots and reports the last `WINDOW_SECS`.
 #[derive(Debug, Default)]
 pub struct FleetAggregator {
-    slots: VecDeque<(i64, HashMap<(String, String), ModelWindow>)>,
+    /// (slot number, the slot's counts), oldest first.
+    slots: VecDeque<(i64, ModelWindows)>,
 }
 
 impl FleetAggregator {
@@ -234,10 +238,10 @@ impl FleetView {
 
     /// Every model's merged window; instances silent for longer than a window are left out
     /// (they stopped, and their share moved to another instance).
-    pub fn merged(&mut self, now: DateTime<Utc>) -> HashMap<(String, String), ModelWindow> {
+    pub fn merged(&mut self, now: DateTime<Utc>) -> ModelWindows {
         self.reports
             .retain(|_, r| (now - r.at).num_seconds() <= WINDOW_SECS);
-        let mut out: HashMap<(String, String), ModelWindow> = HashMap::new();
+        let mut out = ModelWindows::new();
         for r in self.reports.values() {
             for m in &r.models {
                 out.entry((m.provider.clone(), m.model.clone()))
