@@ -47,7 +47,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--role ingest consumes Kafka: set TALLY_KAFKA_BROKERS");
             }
             let store = server::open_store(&cli.common.database_url, clock.as_ref()).await?;
-            // The ingest role serves its /metrics on the API listener too.
+            // The ingest role also serves the ledger API on TALLY_LISTEN, for its /metrics and
+            // health; the expiry sweep it runs there is idempotent (deterministic expiry ids).
             let ledger = match args.role {
                 Role::Ledger | Role::All | Role::Ingest => {
                     Some(bind(config.listen, "ledger API").await?)

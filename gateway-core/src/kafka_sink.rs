@@ -389,8 +389,8 @@ impl EventSink for KafkaSink {
                 self.shared.drop_event(p.event.event_id, "buffer full");
             }
             Err(mpsc::error::TrySendError::Closed(p)) => {
-                self.shared
-                    .drop_event(p.event.event_id, "the sink is shut down");
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(event_id = %p.event.event_id, "usage event dropped: the kafka sink is shut down");
             }
         }
     }

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tally_ingest::StoreError;
 use tally_ingest::statement::{self, MAX_EXPORT_MONTHS};
 use tally_ledger::Money;
@@ -343,6 +343,14 @@ pub fn render_statement(s: &Statement, format: ExportFormat) -> Result<Vec<u8>, 
     }
 }
 
+/// The JSON body of the platform export; fields in this order.
+#[derive(Serialize)]
+struct PlatformExport<'a> {
+    from: Period,
+    to: Period,
+    periods: &'a [PlatformReport],
+}
+
 pub fn render_platform(
     from: Period,
     to: Period,
@@ -350,11 +358,11 @@ pub fn render_platform(
     format: ExportFormat,
 ) -> Result<Vec<u8>, RenderError> {
     match format {
-        ExportFormat::Json => Ok(serde_json::to_vec(&serde_json::json!({
-            "from": from,
-            "to": to,
-            "periods": reports,
-        }))?),
+        ExportFormat::Json => Ok(serde_json::to_vec(&PlatformExport {
+            from,
+            to,
+            periods: reports,
+        })?),
         ExportFormat::Csv => platform_csv(reports),
     }
 }
