@@ -321,12 +321,14 @@ pub struct KafkaArgs {
     /// embedded in-process bus instead.
     #[arg(long, env = "TALLY_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
-    /// Extra librdkafka properties for every client, `key=value` comma-separated (e.g.
-    /// `security.protocol=SASL_SSL`). May hold credentials: never logged.
+    /// Extra librdkafka properties for every client, `key=value` (e.g.
+    /// `security.protocol=SASL_SSL`): the flag repeated, or one per line in the environment
+    /// variable. Not split on commas, because values such as passwords may hold them. May hold
+    /// credentials: never logged or echoed.
     #[arg(
-        long,
+        long = "kafka-property",
         env = "TALLY_KAFKA_PROPERTIES",
-        value_delimiter = ',',
+        value_delimiter = '\n',
         hide_env_values = true
     )]
     pub kafka_properties: Vec<SecretArg>,
@@ -398,18 +400,15 @@ impl KafkaArgs {
             return Ok(None);
         };
         let mut client_properties = Vec::new();
-        for p in &self.kafka_properties {
+        for (i, p) in self.kafka_properties.iter().enumerate() {
             let p = p.0.expose_secret();
+            if p.trim().is_empty() {
+                continue;
+            }
+            // The entry may be a password: the error names its position only.
             let (k, v) = p.split_once('=').ok_or_else(|| ConfigError::Invalid {
                 field: "kafka_properties (TALLY_KAFKA_PROPERTIES)",
-                // The value may be a password: name the key only.
-                reason: format!(
-                    "an entry is not key=value (starts with '{}')",
-                    p.chars()
-                        .take_while(|c| *c != '=')
-                        .take(24)
-                        .collect::<String>()
-                ),
+                reason: format!("entry {} is not key=value", i + 1),
             })?;
             client_properties.push((k.trim().to_string(), v.trim().to_string()));
         }
@@ -629,6 +628,48 @@ impl ServerArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafka_properties_keep_commas_and_never_echo_a_value() {
+        use clap::Parser;
+        let password = "pa,ss=w0rd;canary";
+        let cli = Cli::try_parse_from([
+            "tally",
+            "serve",
+            "--kafka-brokers",
+            "127.0.0.1:9092",
+            "--kafka-property",
+            &format!("sasl.password={password}"),
+            "--kafka-property",
+            "security.protocol=SASL_SSL",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let k = args.kafka.validate().unwrap().unwrap();
+        assert!(
+            k.config
+                .client_properties
+                .contains(&("sasl.password".to_string(), password.to_string()))
+        );
+        assert!(!format!("{k:?}").contains("canary"), "{k:?}");
+        let cli = Cli::try_parse_from([
+            "tally",
+            "serve",
+            "--kafka-brokers",
+            "127.0.0.1:9092",
+            "--kafka-property",
+            "secretcanaryvalue-without-equals",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let err = args.kafka.validate().unwrap_err().to_string();
+        assert!(err.contains("entry 1"), "{err}");
+        assert!(!err.contains("canary"), "{err}");
+    }
 
     #[test]
     fn bad_listen_address_is_named() {

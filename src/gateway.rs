@@ -8,11 +8,12 @@ use anyhow::Context;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use tally_gateway_core::decisions::{self, DecisionCache};
+use tally_gateway_core::kafka_sink::KafkaSinkRunner;
 use tally_gateway_core::keys::KeyRing;
 use tally_gateway_core::metrics::GlobalMetrics;
 use tally_gateway_core::proxy::{self, Gateway};
 use tally_gateway_core::secrets::Kek;
-use tally_gateway_core::sink::{EventSink, InProcessSink, SinkStats};
+use tally_gateway_core::sink::{EventSink, InProcessSink, InProcessSinkRunner, SinkStats};
 use tally_ingest::Store;
 use tokio::sync::watch;
 
@@ -26,6 +27,10 @@ pub const KEYRING_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// `last_used_at` of gateway keys is written this often, in one statement.
 pub const LAST_USED_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long a stopping gateway waits, once its server has stopped, for upstream attempts and
+/// streams still running (a client that hung up does not stop them: the provider bills them).
+pub const IN_FLIGHT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct GatewayRuntime {
     pub gateway: Arc<Gateway>,
@@ -33,6 +38,54 @@ pub struct GatewayRuntime {
     pub decisions: Arc<DecisionCache>,
     /// The in-process sink's counters (none when events go through Kafka).
     pub sink_stats: Option<Arc<SinkStats>>,
+    /// Taken by [`GatewayRuntime::shutdown`].
+    sink_runner: Arc<std::sync::Mutex<Option<SinkRunner>>>,
+}
+
+/// The event sink's tasks, stopped after everything that sends to it.
+#[derive(Debug)]
+enum SinkRunner {
+    InProcess(InProcessSinkRunner),
+    Kafka(KafkaSinkRunner),
+}
+
+impl GatewayRuntime {
+    /// Stops the usage pipeline once the gateway's server has stopped taking requests and
+    /// finished the exchanges under way: waits (up to [`IN_FLIGHT_DRAIN_TIMEOUT`]) for the
+    /// attempts and streams still running, so their usage is in the sink, then stops the sink,
+    /// which stores everything it holds (ledger or spool) and ships the spool for a while.
+    /// Later calls do nothing.
+    pub async fn shutdown(&self) -> anyhow::Result<()> {
+        let left = self
+            .gateway
+            .wait_for_in_flight(IN_FLIGHT_DRAIN_TIMEOUT)
+            .await;
+        if left > 0 {
+            tracing::error!(
+                tasks = left,
+                timeout = ?IN_FLIGHT_DRAIN_TIMEOUT,
+                "requests still running at shutdown; their usage is lost"
+            );
+        }
+        let runner = match self.sink_runner.lock() {
+            Ok(mut r) => r.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        match runner {
+            Some(SinkRunner::Kafka(r)) => {
+                let stats = r
+                    .shutdown(crate::pipeline::SINK_SHUTDOWN_TIMEOUT)
+                    .await
+                    .context("stopping the Kafka event sink")?;
+                tracing::info!(?stats, "event sink stopped");
+            }
+            Some(SinkRunner::InProcess(r)) => {
+                r.shutdown(crate::pipeline::SINK_SHUTDOWN_TIMEOUT).await;
+            }
+            None => {}
+        }
+        Ok(())
+    }
 }
 
 /// The KEK from configuration; `demo` may fall back to a fixed, published one because its data
@@ -74,8 +127,11 @@ pub async fn start(
     let keyring = Arc::new(KeyRing::load(&pool, Arc::new(kek)).await?);
     let decisions = DecisionCache::new();
     let listening = Arc::clone(&decisions);
-    store.on_commit(Arc::new(move |states, now| {
-        listening.update_from_states(states.values(), now)
+    let commit_clock = Arc::clone(&clock);
+    // Stamped now, after the commit, not with the batch's start time: a refresh that read the
+    // ledger before this commit carries an earlier stamp and cannot replace this decision.
+    store.on_commit(Arc::new(move |states, _| {
+        listening.update_from_states(states.values(), commit_clock.now())
     }));
     decisions.refresh(&pool, clock.now()).await?;
     let fn_clock: proxy::Clock = {
@@ -83,30 +139,31 @@ pub async fn start(
         Arc::new(move || c.now())
     };
     let global = Arc::new(GlobalMetrics::new());
-    let (sink, sink_stats): (Arc<dyn EventSink>, Option<Arc<SinkStats>>) = match bus {
-        Bus::InProcess => {
-            let (sink, _writer) = InProcessSink::start_with_fleet(
-                Arc::clone(&store),
-                Arc::clone(&decisions),
-                Some(Arc::clone(&global)),
-                Arc::clone(&fn_clock),
-            );
-            let stats = Arc::clone(&sink.stats);
-            (Arc::new(sink), Some(stats))
-        }
-        Bus::Kafka(kafka) => {
-            let sink = crate::pipeline::start_sink(kafka, stop.clone()).await?;
-            crate::pipeline::start_feedback(
-                kafka,
-                Arc::clone(&decisions),
-                Arc::clone(&global),
-                Arc::clone(&fn_clock),
-                stop.clone(),
-            )
-            .await?;
-            (sink, None)
-        }
-    };
+    let (sink, sink_stats, runner): (Arc<dyn EventSink>, Option<Arc<SinkStats>>, SinkRunner) =
+        match bus {
+            Bus::InProcess => {
+                let (sink, runner) = InProcessSink::start_with_fleet(
+                    Arc::clone(&store),
+                    Arc::clone(&decisions),
+                    Some(Arc::clone(&global)),
+                    Arc::clone(&fn_clock),
+                );
+                let stats = Arc::clone(&sink.stats);
+                (Arc::new(sink), Some(stats), SinkRunner::InProcess(runner))
+            }
+            Bus::Kafka(kafka) => {
+                let (sink, runner) = crate::pipeline::start_sink(kafka).await?;
+                crate::pipeline::start_feedback(
+                    kafka,
+                    Arc::clone(&decisions),
+                    Arc::clone(&global),
+                    Arc::clone(&fn_clock),
+                    stop.clone(),
+                )
+                .await?;
+                (sink, None, SinkRunner::Kafka(runner))
+            }
+        };
     let mut gateway = Gateway::new(
         settings.config.clone(),
         keyring.clone(),
@@ -129,6 +186,7 @@ pub async fn start(
         keyring,
         decisions,
         sink_stats,
+        sink_runner: Arc::new(std::sync::Mutex::new(Some(runner))),
     })
 }
 
@@ -177,7 +235,8 @@ fn spawn_loops(
     });
 }
 
-/// Serves the proxy on `listener` until `stop` flips.
+/// Serves the proxy on `listener` until `stop` flips, then finishes the requests under way.
+/// [`GatewayRuntime::shutdown`] comes after it.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     runtime: &GatewayRuntime,

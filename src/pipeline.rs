@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use tally_gateway_core::decisions::DecisionCache;
 use tally_gateway_core::feedback;
-use tally_gateway_core::kafka_sink::{KafkaSink, KafkaSinkConfig, SpoolFullPolicy};
+use tally_gateway_core::kafka_sink::{
+    KafkaSink, KafkaSinkConfig, KafkaSinkRunner, SpoolFullPolicy,
+};
 use tally_gateway_core::metrics::GlobalMetrics;
 use tally_gateway_core::sink::EventSink;
 use tally_ingest::Store;
@@ -16,7 +18,9 @@ use tokio::task::JoinHandle;
 
 use crate::config::{KafkaSettings, SpoolFullArg};
 
-/// How long a stopping gateway keeps shipping its spool to the broker.
+/// How long a stopping gateway keeps shipping its spool to the broker (what the broker has
+/// not taken by then stays in the spool for the next start), or, in process, retries a ledger
+/// outage.
 pub const SINK_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Fails fast, naming the brokers, when they do not answer; then creates missing topics.
@@ -31,11 +35,11 @@ pub async fn prepare(kafka: &KafkaSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The gateway's event sink over Kafka, with its on-disk spool.
+/// The gateway's event sink over Kafka, with its on-disk spool. The runner is stopped (with
+/// [`SINK_SHUTDOWN_TIMEOUT`]) only after the requests that produce events have ended.
 pub async fn start_sink(
     kafka: &KafkaSettings,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<Arc<dyn EventSink>> {
+) -> anyhow::Result<(Arc<dyn EventSink>, KafkaSinkRunner)> {
     let cfg = KafkaSinkConfig {
         brokers: kafka.config.brokers.clone(),
         topic: kafka.config.topics.usage.clone(),
@@ -50,18 +54,7 @@ pub async fn start_sink(
     let (sink, runner) = KafkaSink::start(cfg)
         .await
         .context("starting the Kafka event sink")?;
-    let mut stop = stop;
-    tokio::spawn(async move {
-        let _ = stop.changed().await;
-        // What the broker has not taken by then stays in the spool for the next start.
-        match runner.shutdown(SINK_SHUTDOWN_TIMEOUT).await {
-            Ok(stats) => tracing::info!(?stats, "event sink stopped"),
-            Err(e) => {
-                tracing::warn!(error = %e, "event sink stopped with events left in the spool")
-            }
-        }
-    });
-    Ok(Arc::new(sink))
+    Ok((Arc::new(sink), runner))
 }
 
 /// Follows the decisions and metrics topics into this gateway's caches.

@@ -63,9 +63,12 @@ impl Stack {
         if let Some(k) = &kafka {
             pipeline::prepare(k).await?;
         }
-        let bus = match &kafka {
-            Some(k) => gateway::Bus::Kafka(k),
-            None => gateway::Bus::InProcess,
+        // Only a process that serves the gateway produces usage: the others must not open (and
+        // lock) a spool or follow the feedback topics. Their gateway object only backs the
+        // admin API's provider-key checks, which meter nothing.
+        let bus = match (&kafka, gateway_listener.is_some()) {
+            (Some(k), true) => gateway::Bus::Kafka(k),
+            _ => gateway::Bus::InProcess,
         };
         let runtime = gateway::start(
             Arc::clone(&store),

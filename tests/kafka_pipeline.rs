@@ -26,7 +26,7 @@ use tally::config::KafkaSettings;
 use tally_gateway_core::decisions::DecisionCache;
 use tally_gateway_core::metrics::GlobalMetrics;
 use tally_ingest::Store;
-use tally_ingest::kafka::{HEADER_DLQ_REASON, KafkaConfig};
+use tally_ingest::kafka::{Fault, HEADER_DLQ_REASON, Ingest, KafkaConfig};
 use tokio::sync::watch;
 
 struct Pipe {
@@ -217,47 +217,94 @@ async fn credits_and_usage_flow_through_the_ingest_group_once_each(pool: PgPool)
     ingest.await.unwrap().unwrap();
 }
 
+/// An ingest member that dies at `fault` in its first usage batch, then a new member of the
+/// same group: every event counted exactly once.
+async fn crash_and_recover(pool: PgPool, fault: Fault) {
+    let p = pipe(pool).await;
+    let (stop, rx) = watch::channel(false);
+    let opener = p.ingest(rx);
+    p.open_with_credits("acme", "5.00").await;
+    p.wait_for_events(2).await;
+    stop.send(true).unwrap();
+    opener.await.unwrap().unwrap();
+
+    let usage_topic = p.cfg().topics.usage.clone();
+    for n in 0..20 {
+        p.produce_event(&usage_topic, &usage_event("acme", n, 10_000, 1_000))
+            .await;
+    }
+    let doomed = Arc::new(
+        Ingest::new(
+            p.cfg().clone(),
+            Arc::clone(&p.store),
+            Arc::new(Utc::now),
+            "doomed",
+        )
+        .unwrap(),
+    );
+    doomed.inject_fault(fault);
+    let (_keep, rx) = watch::channel(false);
+    // The member ends by itself at the fault, as a crash would end it: no offsets committed.
+    tokio::time::timeout(Duration::from_secs(60), Arc::clone(&doomed).run(rx))
+        .await
+        .expect("the faulty member stops at its fault")
+        .unwrap();
+    drop(doomed);
+    let written = p.event_count().await;
+    match fault {
+        Fault::CrashBeforeApply => assert_eq!(written, 2, "nothing was written before the crash"),
+        _ => assert!(written > 2, "the batch reached the ledger before the crash"),
+    }
+
+    let (stop, rx) = watch::channel(false);
+    let next = p.ingest(rx);
+    p.produce_event(&usage_topic, &usage_event("acme", 999, 10_000, 1_000))
+        .await;
+    p.wait_for_events(23).await;
+    let charged: i64 = sqlx::query_scalar(
+        "select count(distinct e.event_seq) from ledger_entry e join event v on v.seq = e.event_seq where v.kind = 'usage'",
+    )
+    .fetch_one(&p.pool)
+    .await
+    .unwrap();
+    assert_eq!(charged, 21, "every usage event charged exactly once");
+    // 21 identical events: the revenue is exactly 21 times one event's.
+    let revenue = |event_id: Option<uuid::Uuid>| {
+        let pool = p.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Decimal>(
+                "select coalesce(sum(e.amount_usd), 0) from ledger_entry e join event v on v.seq = e.event_seq
+                 where e.ledger_account in ('revenue_upstream_cost', 'revenue_processing_fee')
+                   and ($1::uuid is null or v.event_id = $1)",
+            )
+            .bind(event_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let sentinel_id = usage_event("acme", 999, 0, 0)["event_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let one = revenue(Some(sentinel_id)).await;
+    assert_ne!(one, Decimal::ZERO);
+    assert_eq!(revenue(None).await, one * Decimal::from(21));
+    stop.send(true).unwrap();
+    next.await.unwrap().unwrap();
+}
+
 #[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
 async fn a_crash_between_the_database_commit_and_the_offset_commit_counts_nothing_twice(
     pool: PgPool,
 ) {
-    let p = pipe(pool).await;
-    let usage_topic = p.cfg().topics.usage.clone();
-    let opened = json!({"event_id": uuid::Uuid::new_v4(), "occurred_at": Utc::now(), "account_id": "acme",
-                        "type": "account_opened", "name": "acme", "low_balance_threshold_usd": "1.00"});
-    let events: Vec<Value> = std::iter::once(opened)
-        .chain((0..20).map(|n| usage_event("acme", n, 10_000, 1_000)))
-        .collect();
-    for e in &events {
-        p.produce_event(&usage_topic, e).await;
-    }
-    // A member applied the batch and crashed before committing its offsets: the ledger has the
-    // events, the group's offsets do not.
-    let parsed: Vec<tally_ledger::Event> = events
-        .iter()
-        .map(|e| serde_json::from_value(e.clone()).unwrap())
-        .collect();
-    p.store
-        .ingest(&parsed, tally_ingest::BatchMode::BestEffort, Utc::now())
-        .await
-        .unwrap();
-    let before = p.burned("acme").await;
-    assert!(before > Decimal::ZERO);
-    // The next member re-reads everything from the last committed offset (none).
-    let (stop, rx) = watch::channel(false);
-    let ingest = p.ingest(rx);
-    let sentinel = usage_event("acme", 999, 10_000, 1_000);
-    p.produce_event(&usage_topic, &sentinel).await;
-    p.wait_for_events(22).await;
-    let after = p.burned("acme").await;
-    let per_event = before / Decimal::from(20);
-    assert_eq!(
-        after - before,
-        per_event,
-        "only the sentinel was added; the re-read batch was absorbed"
-    );
-    stop.send(true).unwrap();
-    ingest.await.unwrap().unwrap();
+    crash_and_recover(pool, Fault::CrashAfterApply).await;
+}
+
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn a_crash_before_the_database_commit_loses_nothing(pool: PgPool) {
+    crash_and_recover(pool, Fault::CrashBeforeApply).await;
 }
 
 #[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]

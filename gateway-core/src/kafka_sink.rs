@@ -9,9 +9,18 @@
 //! broker returns. A retry may send a record twice; the consumer dedupes by event id.
 //! A sink started on the same directory after a restart ships what the previous one left.
 //!
-//! When the spool is full, events that cannot be stored are dropped (counted in
-//! [`SPOOL_FULL`] and logged with their id) and the configured [`SpoolFullPolicy`] decides
-//! whether the gateway keeps serving managed traffic, whose usage it could then not meter.
+//! A spool write that fails (an IO or storage error) is kept in memory and retried with a
+//! backoff; only after the retries (or a shutdown's deadline) run out are its events dropped.
+//!
+//! The configured [`SpoolFullPolicy`] decides whether the gateway keeps serving managed traffic
+//! while the spool is nearly full or failing. Under [`SpoolFullPolicy::DenyManaged`] new managed
+//! requests are refused once the spool passes a high-water mark ([`HIGH_WATER_PERCENT`] of its
+//! bound), before anything is lost: the rest is a reserve for the usage of requests already
+//! admitted. They are served again below [`LOW_WATER_PERCENT`]. Events that still cannot be
+//! stored are dropped (counted in [`SPOOL_FULL`] and logged with their id).
+//!
+//! The sink is stopped last, by [`KafkaSinkRunner::shutdown`], once the requests that produce
+//! events have ended: it moves what is buffered into the spool and ships for a while.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use tally_ledger::Event;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
@@ -57,6 +67,18 @@ const MAX_IN_FLIGHT: usize = 4_096;
 const READ_BATCH: usize = 512;
 /// The smallest spool bound accepted: a few events must always fit.
 pub const MIN_SPOOL_BYTES: u64 = 4_096;
+/// Above this share of the spool's bound the deny-managed policy refuses new managed traffic;
+/// the rest of the spool is kept for the events of requests already admitted.
+pub const HIGH_WATER_PERCENT: u64 = 90;
+/// Below this share managed traffic is served again (apart from the high-water mark, so the
+/// policy does not flap with every event).
+pub const LOW_WATER_PERCENT: u64 = 75;
+/// Free slots of the in-memory buffer kept, like the spool's reserve, for admitted requests.
+const CHANNEL_RESERVE: usize = CHANNEL_CAPACITY / 10;
+/// Retry schedule of a spool write that failed; then its events are dropped.
+const WRITE_RETRY_MIN: Duration = Duration::from_millis(50);
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
+const WRITE_RETRIES: usize = 8;
 /// Retry schedule of the shipper while the broker is unreachable.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -190,7 +212,10 @@ pub struct KafkaSinkStats {
 struct Shared {
     policy: SpoolFullPolicy,
     max_bytes: u64,
+    /// Above the high-water mark (or an event did not fit), until below the low-water mark.
     full: AtomicBool,
+    /// The last spool write failed and is being retried.
+    write_failing: AtomicBool,
     accepted: AtomicU64,
     spooled: AtomicU64,
     shipped: AtomicU64,
@@ -198,20 +223,44 @@ struct Shared {
     depth_events: AtomicU64,
     depth_bytes: AtomicU64,
     /// The tasks' controls live as long as the tasks, so dropping the runner without a
-    /// shutdown leaves the sink running.
-    stop_writer: watch::Sender<bool>,
+    /// shutdown leaves the sink running. The writer's is the shutdown's deadline, once set.
+    stop_writer: watch::Sender<Option<Instant>>,
     shipper_phase: watch::Sender<Phase>,
 }
 
 impl Shared {
+    fn new(
+        policy: SpoolFullPolicy,
+        max_bytes: u64,
+        stop_writer: watch::Sender<Option<Instant>>,
+        shipper_phase: watch::Sender<Phase>,
+    ) -> Shared {
+        Shared {
+            policy,
+            max_bytes,
+            full: AtomicBool::new(false),
+            write_failing: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
+            spooled: AtomicU64::new(0),
+            shipped: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            depth_events: AtomicU64::new(0),
+            depth_bytes: AtomicU64::new(0),
+            stop_writer,
+            shipper_phase,
+        }
+    }
+
     fn set_depth(&self, (events, bytes): (u64, u64)) {
         self.depth_events.store(events, Ordering::Relaxed);
         self.depth_bytes.store(bytes, Ordering::Relaxed);
         SPOOL_DEPTH_EVENTS.set(i64::try_from(events).unwrap_or(i64::MAX));
         SPOOL_DEPTH_BYTES.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        // Room again once a quarter of the spool is free, so the policy does not flap with
-        // every event.
-        if bytes <= self.max_bytes / 4 * 3 && self.full.swap(false, Ordering::Relaxed) {
+        if bytes > self.max_bytes / 100 * HIGH_WATER_PERCENT {
+            self.mark_full("the spool is above its high-water mark");
+        } else if bytes <= self.max_bytes / 100 * LOW_WATER_PERCENT
+            && self.full.swap(false, Ordering::Relaxed)
+        {
             tracing::warn!(
                 depth_events = events,
                 depth_bytes = bytes,
@@ -226,12 +275,50 @@ impl Shared {
                 reason = why,
                 max_bytes = self.max_bytes,
                 policy = ?self.policy,
-                "event spool is full: events that do not fit are dropped{}",
+                "event spool is nearly full{}",
                 match self.policy {
-                    SpoolFullPolicy::DenyManaged => "; managed traffic is refused",
+                    SpoolFullPolicy::DenyManaged => {
+                        "; new managed traffic is refused, the rest is kept for requests under way"
+                    }
+                    SpoolFullPolicy::KeepServing => "; events that do not fit are dropped",
+                }
+            );
+        }
+    }
+
+    fn write_failed(&self, error: &str, events: usize) {
+        if !self.write_failing.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                error,
+                events,
+                policy = ?self.policy,
+                "writing to the event spool failed; the batch is kept and retried{}",
+                match self.policy {
+                    SpoolFullPolicy::DenyManaged => "; managed traffic is refused meanwhile",
                     SpoolFullPolicy::KeepServing => "",
                 }
             );
+        } else {
+            tracing::warn!(error, events, "writing to the event spool failed again");
+        }
+    }
+
+    fn write_succeeded(&self) {
+        if self.write_failing.swap(false, Ordering::Relaxed) {
+            tracing::warn!("writing to the event spool works again");
+        }
+    }
+
+    /// Whether new managed traffic may be admitted, given `channel_room` free slots in the
+    /// buffer in front of the spool.
+    fn admits_managed(&self, channel_room: usize) -> bool {
+        match self.policy {
+            SpoolFullPolicy::KeepServing => true,
+            SpoolFullPolicy::DenyManaged => {
+                !self.full.load(Ordering::Relaxed)
+                    && !self.write_failing.load(Ordering::Relaxed)
+                    && channel_room >= CHANNEL_RESERVE
+            }
         }
     }
 
@@ -296,21 +383,14 @@ impl KafkaSink {
         let dir = cfg.spool_dir.clone();
         let max = cfg.spool_max_bytes;
         let spool = Arc::new(tokio::task::spawn_blocking(move || Spool::open(&dir, max)).await??);
-        let (stop_writer, stop_rx) = watch::channel(false);
+        let (stop_writer, stop_rx) = watch::channel(None);
         let (shipper_phase, phase_rx) = watch::channel(Phase::Run);
-        let shared = Arc::new(Shared {
-            policy: cfg.when_full,
-            max_bytes: cfg.spool_max_bytes,
-            full: AtomicBool::new(false),
-            accepted: AtomicU64::new(0),
-            spooled: AtomicU64::new(0),
-            shipped: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            depth_events: AtomicU64::new(0),
-            depth_bytes: AtomicU64::new(0),
+        let shared = Arc::new(Shared::new(
+            cfg.when_full,
+            cfg.spool_max_bytes,
             stop_writer,
             shipper_phase,
-        });
+        ));
         let depth = spool.depth();
         shared.set_depth(depth);
         if depth.0 > 0 {
@@ -396,10 +476,7 @@ impl EventSink for KafkaSink {
     }
 
     fn accepts_managed(&self) -> bool {
-        match self.shared.policy {
-            SpoolFullPolicy::KeepServing => true,
-            SpoolFullPolicy::DenyManaged => !self.shared.full.load(Ordering::Relaxed),
-        }
+        self.shared.admits_managed(self.tx.capacity())
     }
 }
 
@@ -410,9 +487,11 @@ impl KafkaSinkRunner {
 
     /// Stops taking events, moves what is buffered into the spool, ships for up to `timeout`
     /// and leaves the rest in the spool for the next start. Returns the final counters.
+    ///
+    /// Call it once whatever sends events has stopped: an event sent afterwards is dropped.
     pub async fn shutdown(self, timeout: Duration) -> Result<KafkaSinkStats, KafkaSinkError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        self.shared.stop_writer.send_replace(true);
+        let deadline = Instant::now() + timeout;
+        self.shared.stop_writer.send_replace(Some(deadline));
         self.writer.await?;
         self.shared
             .shipper_phase
@@ -441,7 +520,7 @@ async fn writer(
     spool: Arc<Spool>,
     shared: Arc<Shared>,
     wake: Arc<Notify>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Option<Instant>>,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH_MAX);
     loop {
@@ -455,19 +534,25 @@ async fn writer(
                 // Refuse new events but keep what is buffered.
                 rx.close();
                 while rx.recv_many(&mut batch, WRITE_BATCH_MAX).await > 0 {
-                    store(std::mem::take(&mut batch), &spool, &shared).await;
+                    store(std::mem::take(&mut batch), &spool, &shared, &stop).await;
                 }
                 wake.notify_one();
                 return;
             }
         }
-        store(std::mem::take(&mut batch), &spool, &shared).await;
+        store(std::mem::take(&mut batch), &spool, &shared, &stop).await;
         wake.notify_one();
     }
 }
 
-/// Commits what fits of `batch` to the spool in one transaction; drops the rest.
-async fn store(batch: Vec<Pending>, spool: &Arc<Spool>, shared: &Shared) {
+/// Commits what fits of `batch` to the spool in one transaction; drops the rest. A write that
+/// fails is retried with a backoff, up to [`WRITE_RETRIES`] times or a shutdown's deadline.
+async fn store(
+    batch: Vec<Pending>,
+    spool: &Arc<Spool>,
+    shared: &Shared,
+    stop: &watch::Receiver<Option<Instant>>,
+) {
     let mut ids = Vec::with_capacity(batch.len());
     let mut records = Vec::with_capacity(batch.len());
     for p in batch {
@@ -482,52 +567,81 @@ async fn store(batch: Vec<Pending>, spool: &Arc<Spool>, shared: &Shared) {
             }
         }
     }
-    let spool = Arc::clone(spool);
-    let outcome = tokio::task::spawn_blocking(move || {
-        // Only this task appends, so the room measured here only grows until the append.
-        let (_, used) = spool.depth();
-        let mut room = spool.max_bytes().saturating_sub(used);
-        let fits = records
-            .iter()
-            .take_while(|r| {
-                let len = r.len() as u64;
-                let ok = len <= room;
-                room = room.saturating_sub(len);
-                ok
-            })
-            .count();
-        let result = spool.append(&records[..fits]);
-        (fits, result, spool.depth())
-    })
-    .await;
-    let (stored, why) = match outcome {
-        Ok((fits, Ok(()), depth)) => {
-            shared.set_depth(depth);
-            (fits, "spool full")
-        }
-        Ok((_, Err(e), depth)) => {
-            shared.set_depth(depth);
-            tracing::error!(error = %e, "writing to the event spool failed");
-            (0, "spool write failed")
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "the spool writer failed");
-            (0, "spool write failed")
+    // Shared with each attempt, so a failed one (even a panicked one) leaves them for the next.
+    let records = Arc::new(records);
+    let mut retries = write_retry_schedule();
+    let (stored, why) = loop {
+        let (spool, attempt) = (Arc::clone(spool), Arc::clone(&records));
+        let outcome = tokio::task::spawn_blocking(move || {
+            // Only this task appends, so the room measured here only grows until the append.
+            let (_, used) = spool.depth();
+            let mut room = spool.max_bytes().saturating_sub(used);
+            let fits = attempt
+                .iter()
+                .take_while(|r| {
+                    let len = r.len() as u64;
+                    let ok = len <= room;
+                    room = room.saturating_sub(len);
+                    ok
+                })
+                .count();
+            let result = spool.append(&attempt[..fits]);
+            (fits, result, spool.depth())
+        })
+        .await;
+        let error = match outcome {
+            Ok((fits, Ok(()), depth)) => {
+                shared.write_succeeded();
+                shared.set_depth(depth);
+                break (fits, Lost::Full);
+            }
+            Ok((_, Err(e), depth)) => {
+                shared.set_depth(depth);
+                e.to_string()
+            }
+            Err(e) => e.to_string(),
+        };
+        shared.write_failed(&error, records.len());
+        let deadline = *stop.borrow();
+        let delay = retries.next().and_then(|delay| match deadline {
+            None => Some(delay),
+            Some(d) => d
+                .checked_duration_since(Instant::now())
+                .filter(|left| !left.is_zero())
+                .map(|left| delay.min(left)),
+        });
+        match delay {
+            Some(d) => tokio::time::sleep(d).await,
+            None => break (0, Lost::WriteFailed),
         }
     };
     shared.spooled.fetch_add(stored as u64, Ordering::Relaxed);
     if stored < ids.len() {
-        shared.mark_full(why);
+        // A failing write already refuses managed traffic until a write succeeds.
+        if why == Lost::Full {
+            shared.mark_full("an event did not fit");
+        }
+        let why = match why {
+            Lost::Full => "spool full",
+            Lost::WriteFailed => "spool write failed",
+        };
         for id in &ids[stored..] {
             shared.drop_event(*id, why);
         }
     }
 }
 
+/// Why `store` could not keep an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    Full,
+    WriteFailed,
+}
+
 /// Resolves once the writer is told to stop (holding no borrow of the channel, so the writer's
 /// future stays `Send`).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await.map(drop);
+async fn stopped(stop: &mut watch::Receiver<Option<Instant>>) {
+    let _ = stop.wait_for(Option::is_some).await.map(drop);
 }
 
 async fn stop_phase(phase: &mut watch::Receiver<Phase>) {
@@ -788,6 +902,15 @@ enum Produced {
     Failed(KafkaError),
 }
 
+fn write_retry_schedule() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(WRITE_RETRY_MIN)
+        .with_max_delay(WRITE_RETRY_MAX)
+        .with_jitter()
+        .with_max_times(WRITE_RETRIES)
+        .build()
+}
+
 fn retry_schedule() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(RETRY_MIN)
@@ -886,6 +1009,106 @@ mod tests {
             Err(KafkaSinkError::Config(_))
         ));
         assert!(!dir.path().join("spool").exists());
+    }
+
+    fn shared(policy: SpoolFullPolicy, max_bytes: u64) -> Arc<Shared> {
+        Arc::new(Shared::new(
+            policy,
+            max_bytes,
+            watch::channel(None).0,
+            watch::channel(Phase::Run).0,
+        ))
+    }
+
+    fn pending(i: u32) -> Pending {
+        let event: Event = serde_json::from_value(serde_json::json!({
+            "event_id": Uuid::new_v4(),
+            "occurred_at": "2025-01-01T00:00:00Z",
+            "account_id": format!("acct_{i}"),
+            "type": "account_opened",
+            "name": "Acme",
+        }))
+        .unwrap();
+        Pending {
+            event,
+            trace: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn deny_managed_refuses_above_the_high_water_mark_and_serves_again_below_the_low_one() {
+        let s = shared(SpoolFullPolicy::DenyManaged, 1000);
+        let room = CHANNEL_CAPACITY;
+        s.set_depth((1, 900));
+        assert!(s.admits_managed(room), "at the mark: still admitted");
+        s.set_depth((2, 901));
+        assert!(
+            !s.admits_managed(room),
+            "above it: refused while the reserve is left for requests under way"
+        );
+        s.set_depth((1, 800));
+        assert!(!s.admits_managed(room), "not yet back below the low mark");
+        s.set_depth((1, 750));
+        assert!(s.admits_managed(room));
+        assert!(
+            !s.admits_managed(CHANNEL_RESERVE - 1),
+            "a nearly full buffer in front of the spool refuses too"
+        );
+        assert_eq!(s.dropped.load(Ordering::Relaxed), 0);
+
+        let keep = shared(SpoolFullPolicy::KeepServing, 1000);
+        keep.set_depth((9, 1000));
+        assert!(keep.admits_managed(0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_spool_write_is_kept_and_retried_instead_of_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let s = shared(SpoolFullPolicy::DenyManaged, 1 << 20);
+        spool.fail_next_appends(3);
+        let task = tokio::spawn({
+            let (spool, s) = (Arc::clone(&spool), Arc::clone(&s));
+            async move {
+                let stop = s.stop_writer.subscribe();
+                store((0..5).map(pending).collect(), &spool, &s, &stop).await
+            }
+        });
+        let until = Instant::now() + Duration::from_secs(5);
+        while !s.write_failing.load(Ordering::Relaxed) {
+            assert!(Instant::now() < until, "the write never failed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(
+            !s.admits_managed(CHANNEL_CAPACITY),
+            "no managed traffic while its usage cannot be stored"
+        );
+        task.await.unwrap();
+        let st = stats_of(&s);
+        assert_eq!(
+            (st.spooled, st.dropped, st.depth_events),
+            (5, 0, 5),
+            "{st:?}"
+        );
+        assert_eq!(spool.depth().0, 5);
+        assert!(s.admits_managed(CHANNEL_CAPACITY), "served again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_still_failing_at_the_shutdown_deadline_is_dropped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let s = shared(SpoolFullPolicy::DenyManaged, 1 << 20);
+        spool.fail_next_appends(u32::MAX);
+        let started = Instant::now();
+        s.stop_writer
+            .send_replace(Some(started + Duration::from_millis(300)));
+        let stop = s.stop_writer.subscribe();
+        store((0..3).map(pending).collect(), &spool, &s, &stop).await;
+        let st = stats_of(&s);
+        assert_eq!((st.spooled, st.dropped), (0, 3), "{st:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(spool.depth(), (0, 0));
     }
 
     #[test]

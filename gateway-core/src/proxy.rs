@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tally_ledger::event::{TokenCounts, TokenSource, Usage};
 use tally_ledger::{CredentialKind, Event, EventBody};
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -113,6 +114,9 @@ pub struct Gateway {
     /// Prepared `ai.models` for `tally/auto`, per API shape.
     auto_openai: PreparedCache,
     auto_anthropic: PreparedCache,
+    /// Every request's attempts and every stream's forwarding: they can outlive the HTTP
+    /// exchange (a client that hung up), and their usage must reach the sink before it stops.
+    tasks: TaskTracker,
 }
 
 struct ClockBox(Clock);
@@ -201,7 +205,19 @@ impl Gateway {
             http,
             managed,
             clock: ClockBox(clock),
+            tasks: TaskTracker::new(),
         })
+    }
+
+    /// For shutdown, once the server has stopped taking requests: waits up to `timeout` for the
+    /// requests' upstream attempts and streams still running, so the usage they meter is in the
+    /// sink before the sink stops. Returns how many were still running at the timeout.
+    pub async fn wait_for_in_flight(&self, timeout: Duration) -> usize {
+        self.tasks.close();
+        match tokio::time::timeout(timeout, self.tasks.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.tasks.len(),
+        }
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -647,7 +663,8 @@ async fn handle(
     // On its own task: a client that hangs up while the provider works must not cancel the
     // attempt half-way, or an upstream call the provider bills would go unmetered.
     let started = Instant::now();
-    let task = tokio::spawn(
+    let tasks = gw.tasks.clone();
+    let task = tasks.spawn(
         async move {
             let mut attempts = telemetry::Attempts::default();
             let answer = handle_inner(&gw, shape, endpoint, headers, body, &mut attempts).await;
@@ -1190,7 +1207,8 @@ fn stream_response(
     let request = ctx.body.clone();
     let model = cand.model.clone();
     let span = tracing::Span::current();
-    tokio::spawn(
+    let tasks = meter.gw.tasks.clone();
+    tasks.spawn(
         async move {
             let mut events = resp.bytes_stream().eventsource();
             let mut tally = StreamTally::default();

@@ -82,6 +82,9 @@ pub struct Spool {
     /// Mirrors what is on disk; writers hold it across their transaction so the bound check and
     /// the sequence numbers cannot race.
     state: Mutex<Depth>,
+    /// Appends still to fail, for the tests of what a failed write does.
+    #[cfg(test)]
+    fail_appends: std::sync::atomic::AtomicU32,
 }
 
 impl Spool {
@@ -118,6 +121,8 @@ impl Spool {
             db,
             max_bytes,
             state: Mutex::new(depth),
+            #[cfg(test)]
+            fail_appends: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -129,6 +134,20 @@ impl Spool {
     pub fn append(&self, records: &[Vec<u8>]) -> Result<(), SpoolError> {
         if records.is_empty() {
             return Ok(());
+        }
+        #[cfg(test)]
+        if self
+            .fail_appends
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(SpoolError::Storage(redb::Error::Io(std::io::Error::other(
+                "injected write failure",
+            ))));
         }
         let mut state = self.state.lock().map_err(|_| SpoolError::Poisoned)?;
         let needed: u64 = records.iter().map(|r| r.len() as u64).sum();
@@ -196,6 +215,13 @@ impl Spool {
         state.events = state.events.saturating_sub(freed_events);
         state.bytes = state.bytes.saturating_sub(freed_bytes);
         Ok(())
+    }
+
+    /// Makes the next `n` appends fail as a storage error would, storing nothing.
+    #[cfg(test)]
+    pub(crate) fn fail_next_appends(&self, n: u32) {
+        self.fail_appends
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records and bytes waiting.

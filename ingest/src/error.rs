@@ -27,6 +27,20 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Errors that one event brings on itself, applied alone: the ledger refused it, or the
+    /// database found its data invalid (SQLSTATE classes 22 data exception and 23 integrity).
+    /// Anything else (an outage, a full disk, a read-only standby after a failover) says
+    /// nothing about the event, and setting the event aside for it would lose it.
+    pub fn is_event_fault(&self) -> bool {
+        match self {
+            StoreError::Domain(_) | StoreError::Rejected { .. } => true,
+            StoreError::Database(sqlx::Error::Database(d)) => d
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        }
+    }
+
     /// Errors worth waiting out and retrying the same batch: the connection or the pool, or a
     /// transaction the database asks to retry. Ingest is idempotent, so a retry never counts
     /// twice.

@@ -95,7 +95,7 @@ impl Default for Topics {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// `host:port[,host:port...]`.
     pub brokers: String,
@@ -107,6 +107,25 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Extra librdkafka properties (`security.protocol`, SASL, ...), applied to every client.
     pub client_properties: Vec<(String, String)>,
+}
+
+/// Property values may be credentials (SASL passwords): only their keys are shown.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self
+            .client_properties
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("group_id", &self.group_id)
+            .field("client_properties", &keys)
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -245,6 +264,7 @@ pub struct Ingest {
     producer: FutureProducer,
     instance: String,
     fleet: std::sync::Mutex<FleetAggregator>,
+    fault: std::sync::atomic::AtomicU8,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -254,6 +274,29 @@ impl std::fmt::Debug for Ingest {
             .field("instance", &self.instance)
             .finish_non_exhaustive()
     }
+}
+
+/// How a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// Applied and committed.
+    Done,
+    /// `stop` flipped while retrying; nothing committed.
+    Stopped,
+    /// An injected fault ended the member (tests).
+    Crashed,
+}
+
+/// Where a test makes an ingest member die mid-batch.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    None = 0,
+    /// After the batch was read, before anything was written.
+    CrashBeforeApply = 1,
+    /// After the database commit, before the offset commit.
+    CrashAfterApply = 2,
 }
 
 /// A decoded message: the event and the span that carries its producer's trace. The span is
@@ -309,6 +352,7 @@ impl Ingest {
             producer,
             instance: instance.into(),
             fleet: std::sync::Mutex::new(FleetAggregator::new()),
+            fault: std::sync::atomic::AtomicU8::new(Fault::None as u8),
         })
     }
 
@@ -340,7 +384,9 @@ impl Ingest {
                     Err(_) => break,
                 }
             }
-            self.process(&batch, &mut stop).await;
+            if self.process(&batch, &mut stop).await == Flow::Crashed {
+                break;
+            }
             batch.clear();
         }
         publisher.abort();
@@ -351,7 +397,7 @@ impl Ingest {
     /// Applies one batch and commits its offsets. Retries (the database, the dead-letter
     /// topic) until it succeeds or the process stops; stopping mid-way commits nothing, so the
     /// next owner re-reads the batch.
-    async fn process(&self, batch: &[OwnedMessage], stop: &mut watch::Receiver<bool>) {
+    async fn process(&self, batch: &[OwnedMessage], stop: &mut watch::Receiver<bool>) -> Flow {
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut decoded: Vec<Decoded> = Vec::with_capacity(batch.len());
         let mut dead: Vec<DeadLetter> = Vec::new();
@@ -371,6 +417,9 @@ impl Ingest {
             }
         }
 
+        if self.fault() == Fault::CrashBeforeApply {
+            return Flow::Crashed;
+        }
         let mut delay = RETRY_MIN;
         let reports = loop {
             match self.apply(&decoded).await {
@@ -378,7 +427,7 @@ impl Ingest {
                 Err(e) => {
                     tracing::warn!(error = %e, events = decoded.len(), "applying a batch failed; retrying");
                     if sleep_or_stop(&mut delay, stop).await {
-                        return;
+                        return Flow::Stopped;
                     }
                 }
             }
@@ -439,12 +488,15 @@ impl Ingest {
                 Err(e) => {
                     tracing::warn!(error = %e, "dead-letter topic unavailable; retrying");
                     if sleep_or_stop(&mut delay, stop).await {
-                        return;
+                        return Flow::Stopped;
                     }
                 }
             }
         }
-        self.publish_decisions(&states, &newest, now).await;
+        self.publish_decisions(&states, &newest, now);
+        if self.fault() == Fault::CrashAfterApply {
+            return Flow::Crashed;
+        }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in &offsets {
             if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
@@ -458,11 +510,30 @@ impl Ingest {
             telemetry::OFFSET_COMMIT_FAILURES.inc();
             tracing::warn!(error = %e, "offset commit failed; the batch will be re-read and deduplicated");
         }
+        Flow::Done
     }
 
-    /// Applies `decoded` in store-sized chunks. A chunk the store refuses as a whole (not a
-    /// transient failure) is applied event by event, so one unstorable event is set aside
-    /// instead of blocking the partition; those come back as `(event id, reason)`.
+    /// Test hook: makes this member stop dead at `fault` in its next batch, as a crash would
+    /// (nothing after that point happens, the offsets of that batch are not committed).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) {
+        self.fault
+            .store(fault as u8, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn fault(&self) -> Fault {
+        match self.fault.load(std::sync::atomic::Ordering::SeqCst) {
+            1 => Fault::CrashBeforeApply,
+            2 => Fault::CrashAfterApply,
+            _ => Fault::None,
+        }
+    }
+
+    /// Applies `decoded` in store-sized chunks. A chunk the store refuses as a whole is applied
+    /// event by event, so one unstorable event is set aside instead of blocking the partition;
+    /// those come back as `(event id, reason)`. Only an error the event brings on itself sets
+    /// it aside: any other (the database failing over, a full disk) fails the whole batch, which
+    /// is retried and its offsets not committed.
     async fn apply(
         &self,
         decoded: &[Decoded],
@@ -478,6 +549,7 @@ impl Ingest {
                 Ok(report) => out.push((report, Vec::new())),
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => {
+                    // Possibly one bad event spoiling the statement; find out which.
                     tracing::warn!(error = %e, events = events.len(), "batch refused; applying its events one by one");
                     let mut merged = BatchReport::default();
                     let mut refused = Vec::new();
@@ -498,8 +570,10 @@ impl Ingest {
                                 merged.rejected.extend(r.rejected);
                                 merged.states.extend(r.states);
                             }
-                            Err(e) if e.is_transient() => return Err(e),
-                            Err(e) => refused.push((event.event_id, e.to_string())),
+                            Err(e) if e.is_event_fault() => {
+                                refused.push((event.event_id, e.to_string()))
+                            }
+                            Err(e) => return Err(e),
                         }
                     }
                     out.push((merged, refused));
@@ -536,35 +610,31 @@ impl Ingest {
         Ok(())
     }
 
-    /// Publishes the new decision of every account the batch changed. Best effort: a gateway
-    /// that misses one still converges through its periodic refresh from the ledger.
-    async fn publish_decisions(
+    /// Publishes the new decision of every account the batch changed, without waiting for the
+    /// broker: best effort (a gateway that misses one converges through its periodic refresh
+    /// from the ledger), so a slow decisions topic never holds up ingest.
+    fn publish_decisions(
         &self,
         states: &HashMap<String, tally_ledger::AccountState>,
         newest: &HashMap<&str, DateTime<Utc>>,
         now: DateTime<Utc>,
     ) {
-        let messages: Vec<(String, Vec<u8>)> = states
-            .values()
-            .filter_map(|s| {
-                let decision = decide(s, now).ok()?;
-                let msg = DecisionMessage {
-                    source_event_at: newest.get(s.account_id.as_str()).copied(),
-                    decision,
-                };
-                Some((s.account_id.clone(), serde_json::to_vec(&msg).ok()?))
-            })
-            .collect();
-        let sends = messages.iter().map(|(key, value)| {
-            self.producer.send(
-                FutureRecord::to(&self.cfg.topics.decisions)
-                    .key(key.as_str())
-                    .payload(value.as_slice()),
-                PRODUCE_TIMEOUT,
-            )
-        });
-        for r in futures_util::future::join_all(sends).await {
-            if let Err((e, _)) = r {
+        for s in states.values() {
+            let Ok(decision) = decide(s, now) else {
+                continue;
+            };
+            let msg = DecisionMessage {
+                source_event_at: newest.get(s.account_id.as_str()).copied(),
+                decision,
+            };
+            let Ok(value) = serde_json::to_vec(&msg) else {
+                continue;
+            };
+            let record = FutureRecord::to(&self.cfg.topics.decisions)
+                .key(s.account_id.as_str())
+                .payload(value.as_slice());
+            // Enqueued at once; the delivery report is not awaited.
+            if let Err((e, _)) = self.producer.send_result(record) {
                 tracing::warn!(error = %e, "publishing a decision failed; gateways converge by refresh");
             }
         }

@@ -129,10 +129,23 @@ pub(crate) async fn write_projections(
     states: &[&AccountState],
 ) -> Result<(), StoreError> {
     // Accounts first: lots reference them, and one batch may open an account and fund it.
+    let t = std::time::Instant::now();
     write_accounts(tx, items, states).await?;
+    let a = t.elapsed();
     write_lots(tx, items, states).await?;
+    let b = t.elapsed();
     write_entries(tx, items).await?;
+    let c = t.elapsed();
     write_usage(tx, items).await?;
+    let d = t.elapsed();
+    if std::env::var_os("TALLY_PROF").is_some() {
+        eprintln!(
+            "PROJ accounts={a:?} lots={:?} entries={:?} usage={:?}",
+            b - a,
+            c - b,
+            d - c
+        );
+    }
     Ok(())
 }
 
