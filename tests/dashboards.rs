@@ -388,6 +388,21 @@ fn provisioning_names_the_datasources_the_dashboards_use() {
 #[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
 async fn every_dashboard_query_returns_data(pool: PgPool) {
     let live = common::live_stack(&pool, |_, _| {}).await;
+    every_query_returns_data(live, pool, false).await;
+}
+
+/// The same through Kafka, where the spool, consumer-lag, dead-letter and propagation panels
+/// show the pipeline's own series rather than their zero start values.
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn every_dashboard_query_returns_data_through_kafka(pool: PgPool) {
+    let spool = tempfile::tempdir().unwrap();
+    let live =
+        common::live_stack_with(&pool, Some(common::kafka_settings(spool.path())), |_, _| {})
+            .await;
+    every_query_returns_data(live, pool, true).await;
+}
+
+async fn every_query_returns_data(live: common::LiveStack, pool: PgPool, kafka: bool) {
     let ledger_addr = live.stack.ledger_addr.unwrap();
     let gateway_addr = live.stack.gateway_addr.unwrap();
     // Started before the traffic, so counters are seen to rise.
@@ -423,6 +438,18 @@ async fn every_dashboard_query_returns_data(pool: PgPool) {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0.0);
         assert!(n > 0.0, "{job}: no requests seen: {v}");
+    }
+
+    if kafka {
+        // Decisions came back over the decisions topic and were timed.
+        let v = prometheus
+            .query(&http, "sum(tally_decision_propagation_seconds_count)")
+            .await;
+        let n: f64 = v["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
+        assert!(n > 0.0, "no decision propagation observed: {v}");
     }
 
     let vars = sql_variables(&pool).await;
