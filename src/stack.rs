@@ -157,12 +157,26 @@ impl Stack {
         Ok(())
     }
 
-    /// Stops every server and loop and waits for the servers to finish their requests.
+    /// Stops every server and loop and waits for the servers to finish their requests; then
+    /// the gateway's usage pipeline stores (and ships) what those requests produced, so none
+    /// of it is lost to the restart.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        if let Some(runtime) = &self.runtime { runtime.shutdown().await?; }
+        let mut outcome = Ok(());
         for t in self.tasks {
-            t.await??;
+            let ended = t.await.map_err(anyhow::Error::from).and_then(|r| r);
+            if outcome.is_ok() {
+                outcome = ended;
+            }
         }
-        Ok(())
+        // Only now: the sink must outlive every request that can still send to it.
+        if let Some(runtime) = &self.runtime {
+            let stopped = runtime.shutdown().await;
+            if outcome.is_ok() {
+                outcome = stopped;
+            }
+        }
+        outcome
     }
 }

@@ -61,14 +61,15 @@ pub(crate) async fn insert_events(
         account_id.push(i.event.account_id.clone());
         kind.push(i.event.body.kind().to_string());
         occurred_at.push(i.event.occurred_at);
+        // Serialized straight to text for PostgreSQL to parse once, not through a JSON tree.
         payload
-            .push(serde_json::to_value(i.event).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            .push(serde_json::to_string(i.event).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         hash.push(i.hash.to_vec());
     }
     sqlx::query(
         "insert into event (seq, event_id, account_id, kind, occurred_at, recorded_at, payload, payload_hash)
-         select s, e, a, k, o, $8, p, h
-         from unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[], $7::bytea[])
+         select s, e, a, k, o, $8, p::jsonb, h
+         from unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::bytea[])
               as t(s, e, a, k, o, p, h)",
     )
     .bind(&seq)
@@ -297,45 +298,89 @@ async fn write_accounts(
         let e = last_seq.entry(i.event.account_id.as_str()).or_insert(i.seq);
         *e = (*e).max(i.seq);
     }
+    let mut account_id = Vec::with_capacity(states.len());
+    let mut name = Vec::with_capacity(states.len());
+    let mut opened_at = Vec::with_capacity(states.len());
+    let mut seq = Vec::with_capacity(states.len());
+    let mut decs: [Vec<Decimal>; 12] = Default::default();
     for s in states {
-        let Some(seq) = last_seq.get(s.account_id.as_str()) else {
+        let Some(last) = last_seq.get(s.account_id.as_str()) else {
             continue;
         };
         let t = &s.totals;
-        let d = |m: Money| m.as_decimal();
-        sqlx::query(
-            "insert into account (account_id, name, low_balance_threshold_usd, opened_at, debt_usd, purchased_usd,
-                 granted_usd, burned_usd, expired_usd, voided_usd, debt_incurred_usd, debt_settled_usd,
-                 charged_upstream_usd, charged_fee_usd, byok_attributed_usd, last_event_seq)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-             on conflict (account_id) do update set
-                 name = excluded.name, low_balance_threshold_usd = excluded.low_balance_threshold_usd,
-                 debt_usd = excluded.debt_usd, purchased_usd = excluded.purchased_usd,
-                 granted_usd = excluded.granted_usd, burned_usd = excluded.burned_usd,
-                 expired_usd = excluded.expired_usd, voided_usd = excluded.voided_usd,
-                 debt_incurred_usd = excluded.debt_incurred_usd, debt_settled_usd = excluded.debt_settled_usd,
-                 charged_upstream_usd = excluded.charged_upstream_usd, charged_fee_usd = excluded.charged_fee_usd,
-                 byok_attributed_usd = excluded.byok_attributed_usd, last_event_seq = excluded.last_event_seq",
-        )
-        .bind(&s.account_id)
-        .bind(&s.name)
-        .bind(d(s.low_balance_threshold))
-        .bind(s.opened_at)
-        .bind(d(s.debt))
-        .bind(d(t.purchased))
-        .bind(d(t.granted))
-        .bind(d(t.burned))
-        .bind(d(t.expired))
-        .bind(d(t.voided))
-        .bind(d(t.debt_incurred))
-        .bind(d(t.debt_settled))
-        .bind(d(t.charged_upstream))
-        .bind(d(t.charged_fee))
-        .bind(d(t.byok_attributed))
-        .bind(seq)
-        .execute(&mut **tx)
-        .await?;
+        account_id.push(s.account_id.as_str());
+        name.push(s.name.as_str());
+        opened_at.push(s.opened_at);
+        seq.push(*last);
+        for (col, m) in decs.iter_mut().zip([
+            s.low_balance_threshold,
+            s.debt,
+            t.purchased,
+            t.granted,
+            t.burned,
+            t.expired,
+            t.voided,
+            t.debt_incurred,
+            t.debt_settled,
+            t.charged_upstream,
+            t.charged_fee,
+            t.byok_attributed,
+        ]) {
+            col.push(m.as_decimal());
+        }
     }
+    if account_id.is_empty() {
+        return Ok(());
+    }
+    let [
+        threshold,
+        debt,
+        purchased,
+        granted,
+        burned,
+        expired,
+        voided,
+        debt_incurred,
+        debt_settled,
+        charged_upstream,
+        charged_fee,
+        byok_attributed,
+    ] = decs;
+    // One statement for every account of the batch, in account order.
+    sqlx::query(
+        "insert into account (account_id, name, low_balance_threshold_usd, opened_at, debt_usd, purchased_usd,
+             granted_usd, burned_usd, expired_usd, voided_usd, debt_incurred_usd, debt_settled_usd,
+             charged_upstream_usd, charged_fee_usd, byok_attributed_usd, last_event_seq)
+         select * from unnest($1::text[], $2::text[], $3::numeric[], $4::timestamptz[], $5::numeric[],
+             $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::numeric[], $11::numeric[],
+             $12::numeric[], $13::numeric[], $14::numeric[], $15::numeric[], $16::bigint[])
+         on conflict (account_id) do update set
+             name = excluded.name, low_balance_threshold_usd = excluded.low_balance_threshold_usd,
+             debt_usd = excluded.debt_usd, purchased_usd = excluded.purchased_usd,
+             granted_usd = excluded.granted_usd, burned_usd = excluded.burned_usd,
+             expired_usd = excluded.expired_usd, voided_usd = excluded.voided_usd,
+             debt_incurred_usd = excluded.debt_incurred_usd, debt_settled_usd = excluded.debt_settled_usd,
+             charged_upstream_usd = excluded.charged_upstream_usd, charged_fee_usd = excluded.charged_fee_usd,
+             byok_attributed_usd = excluded.byok_attributed_usd, last_event_seq = excluded.last_event_seq",
+    )
+    .bind(&account_id)
+    .bind(&name)
+    .bind(&threshold)
+    .bind(&opened_at)
+    .bind(&debt)
+    .bind(&purchased)
+    .bind(&granted)
+    .bind(&burned)
+    .bind(&expired)
+    .bind(&voided)
+    .bind(&debt_incurred)
+    .bind(&debt_settled)
+    .bind(&charged_upstream)
+    .bind(&charged_fee)
+    .bind(&byok_attributed)
+    .bind(&seq)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
