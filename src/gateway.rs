@@ -58,7 +58,7 @@ impl GatewayRuntime {
     pub async fn shutdown(&self) -> anyhow::Result<()> {
         let left = self
             .gateway
-            .wait_for_in_flight(Duration::ZERO)
+            .wait_for_in_flight(IN_FLIGHT_DRAIN_TIMEOUT)
             .await;
         if left > 0 {
             tracing::error!(

@@ -162,7 +162,6 @@ impl Stack {
     /// of it is lost to the restart.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        if let Some(runtime) = &self.runtime { runtime.shutdown().await?; }
         let mut outcome = Ok(());
         for t in self.tasks {
             let ended = t.await.map_err(anyhow::Error::from).and_then(|r| r);

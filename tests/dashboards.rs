@@ -397,8 +397,7 @@ async fn every_dashboard_query_returns_data(pool: PgPool) {
 async fn every_dashboard_query_returns_data_through_kafka(pool: PgPool) {
     let spool = tempfile::tempdir().unwrap();
     let live =
-        common::live_stack_with(&pool, Some(common::kafka_settings(spool.path())), |_, _| {})
-            .await;
+        common::live_stack_with(&pool, Some(common::kafka_settings(spool.path())), |_, _| {}).await;
     every_query_returns_data(live, pool, true).await;
 }
 

@@ -121,7 +121,8 @@ impl InProcessSinkRunner {
 }
 
 impl InProcessSink {
-    /// Starts the writer task. It ends once every sender is dropped and the channel drained.
+    /// Starts the writer task. It ends on [`InProcessSinkRunner::shutdown`], or once every
+    /// sender is dropped and the channel drained.
     pub fn start(
         store: Arc<Store>,
         decisions: Arc<DecisionCache>,

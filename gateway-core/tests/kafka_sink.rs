@@ -1,5 +1,6 @@
 //! The Kafka event sink against a real broker (tansu): delivery with keys, JSON values and
-//! headers; a broker that is down then returns; a gateway restart; a full spool and its policy.
+//! headers; a broker that is down then returns; a gateway restart; a full spool and its policy,
+//! which refuses managed traffic at a high-water mark, before anything is lost.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -505,6 +506,75 @@ async fn a_full_spool_under_deny_managed_refuses_managed_traffic_until_it_drains
 async fn a_full_spool_under_keep_serving_drops_and_counts_but_serves() {
     logs();
     overflow(SpoolFullPolicy::KeepServing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_managed_refuses_new_traffic_at_the_high_water_mark_before_any_event_is_lost() {
+    logs();
+    let mut broker = Broker::reserve();
+    let topic = topic_name();
+    let dir = tempfile::tempdir().unwrap();
+    let max: u64 = 64 << 10;
+    let (sink, runner) = KafkaSink::start(config(
+        &broker.bootstrap(),
+        &topic,
+        dir.path(),
+        max,
+        SpoolFullPolicy::DenyManaged,
+    ))
+    .await
+    .unwrap();
+
+    // Admitted requests report their usage, one at a time, until managed traffic is refused.
+    let mut sent = 0u64;
+    while sink.accepts_managed() {
+        assert!(sent < 500, "never refused: {:?}", sink.stats());
+        sink.send(usage("acct_hw", sent as u32));
+        sent += 1;
+        eventually("the event stored", Duration::from_secs(10), || {
+            let s = sink.stats();
+            s.spooled + s.dropped == sent
+        })
+        .await;
+    }
+    let s = sink.stats();
+    assert_eq!(s.dropped, 0, "refused before anything was lost: {s:?}");
+    assert!(
+        s.depth_bytes > max / 100 * tally_gateway_core::kafka_sink::HIGH_WATER_PERCENT,
+        "{s:?}"
+    );
+    assert!(s.depth_bytes <= max, "{s:?}");
+
+    // Requests admitted just before the mark finish later: their usage fits in the reserve.
+    for i in 0..5 {
+        sink.send(usage("acct_hw", 1000 + i));
+    }
+    eventually("the late events stored", Duration::from_secs(10), || {
+        sink.stats().spooled == sent + 5
+    })
+    .await;
+    assert_eq!(sink.stats().dropped, 0, "{:?}", sink.stats());
+    assert!(!sink.accepts_managed());
+
+    broker.start();
+    broker.create_topic(&topic, PARTITIONS).await;
+    eventually(
+        "managed traffic admitted again",
+        Duration::from_secs(30),
+        || sink.accepts_managed(),
+    )
+    .await;
+    let n = sent as usize + 5;
+    let got = consume_until(
+        &broker.bootstrap(),
+        &topic,
+        Duration::from_secs(30),
+        move |m| distinct_ids(m).len() >= n,
+    )
+    .await;
+    assert_eq!(distinct_ids(&got).len(), n);
+    let end = shutdown(runner).await;
+    assert_eq!((end.dropped, end.spooled), (0, sent + 5), "{end:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
