@@ -107,7 +107,7 @@ pub enum SpoolFullPolicy {
     KeepServing,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaSinkConfig {
     /// `host:port[,host:port...]`.
     pub brokers: String,
@@ -119,6 +119,21 @@ pub struct KafkaSinkConfig {
     /// Extra librdkafka properties (security settings, timeouts). They may hold secrets: they
     /// are never logged.
     pub client_properties: Vec<(String, String)>,
+}
+
+/// Property values may be credentials (SASL passwords): only their keys are shown.
+impl std::fmt::Debug for KafkaSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self.client_properties.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("KafkaSinkConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("spool_dir", &self.spool_dir)
+            .field("spool_max_bytes", &self.spool_max_bytes)
+            .field("when_full", &self.when_full)
+            .field("client_properties", &keys)
+            .finish()
+    }
 }
 
 impl KafkaSinkConfig {

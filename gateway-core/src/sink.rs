@@ -345,10 +345,13 @@ impl Writer {
                         .update_from_states(report.states.values(), (self.clock)());
                     return;
                 }
-                Err(e) if e.is_transient() => {
+                // Only what the event brings on itself sets it aside; anything else (an outage,
+                // a full disk, a read-only standby) is waited out like a transient failure.
+                Err(e) if !e.is_event_fault() => {
                     if self.give_up(std::slice::from_ref(&event), &e) {
                         return;
                     }
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     self.pause().await;
                 }
                 Err(e) => {
