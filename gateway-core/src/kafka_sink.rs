@@ -124,7 +124,11 @@ pub struct KafkaSinkConfig {
 /// Property values may be credentials (SASL passwords): only their keys are shown.
 impl std::fmt::Debug for KafkaSinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keys: Vec<&str> = self.client_properties.iter().map(|(k, _)| k.as_str()).collect();
+        let keys: Vec<&str> = self
+            .client_properties
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
         f.debug_struct("KafkaSinkConfig")
             .field("brokers", &self.brokers)
             .field("topic", &self.topic)
