@@ -43,6 +43,9 @@ pub const HEADER_DLQ_SOURCE: &str = "tally-dlq-source";
 pub const INGEST_BATCH_MAX: usize = MAX_BATCH_EVENTS;
 /// A partial batch waits this long for company before it is applied.
 pub const INGEST_BATCH_WAIT: Duration = Duration::from_millis(10);
+/// Lanes of one ingest member, each applying its own share of the partitions: see
+/// [`Ingest::run`].
+pub const INGEST_LANES: usize = 2;
 /// How often each ingest instance publishes its share of the fleet's model metrics.
 pub const METRICS_PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
 /// Waits between retries of a batch the database or the broker could not take.
@@ -357,41 +360,103 @@ impl Ingest {
     }
 
     /// Consumes until `stop` flips; the batch in hand is finished (and committed) first.
+    ///
+    /// The assigned partitions are shared out over [`INGEST_LANES`] lanes. Each lane takes its
+    /// own batches and applies them one after another, so one lane's decoding and offset commit
+    /// overlap another's database write. A partition belongs to exactly one lane: its messages
+    /// are applied in order, and its offsets are committed only after the database commit of
+    /// their batch, in order. Events are keyed by account, and the keyed topics have the same
+    /// partition count, so an account's events of every topic meet in one lane.
     pub async fn run(
         self: Arc<Self>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), PipelineError> {
         let publisher = tokio::spawn(Arc::clone(&self).publish_metrics(stop.clone()));
         let lag = tokio::spawn(Arc::clone(&self).watch_lag(stop.clone()));
-        let mut batch: Vec<OwnedMessage> = Vec::with_capacity(INGEST_BATCH_MAX);
+        let mut lanes = tokio::task::JoinSet::new();
+        let mut feeds = Vec::with_capacity(INGEST_LANES);
+        for _ in 0..INGEST_LANES {
+            let (feed, messages) = tokio::sync::mpsc::channel(INGEST_BATCH_MAX);
+            feeds.push(feed);
+            lanes.spawn(Arc::clone(&self).lane(messages, stop.clone()));
+        }
+        let mut crashed = false;
         loop {
-            let first = tokio::select! {
-                m = self.consumer.recv() => m,
+            let next = tokio::select! {
+                biased;
                 _ = stop.changed() => break,
+                ended = lanes.join_next() => {
+                    crashed = !matches!(ended, Some(Ok(Flow::Done | Flow::Stopped)));
+                    break;
+                }
+                m = self.consumer.recv() => m,
             };
-            match first {
-                Ok(m) => batch.push(m.detach()),
+            let m = match next {
+                Ok(m) => m.detach(),
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consume error");
                     continue;
                 }
-            }
-            let deadline = tokio::time::Instant::now() + INGEST_BATCH_WAIT;
-            while batch.len() < INGEST_BATCH_MAX {
-                match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                    Ok(Ok(m)) => batch.push(m.detach()),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "kafka consume error"),
-                    Err(_) => break,
+            };
+            let lane = usize::try_from(m.partition()).unwrap_or(0) % INGEST_LANES;
+            let Some(feed) = feeds.get(lane) else {
+                continue;
+            };
+            // A lane a full batch behind holds the consumer back.
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                ended = lanes.join_next() => {
+                    crashed = !matches!(ended, Some(Ok(Flow::Done | Flow::Stopped)));
+                    break;
                 }
+                sent = feed.send(m) => if sent.is_err() {
+                    break;
+                },
             }
-            if self.process(&batch, &mut stop).await == Flow::Crashed {
-                break;
-            }
-            batch.clear();
         }
+        // Messages fed to a lane but not yet in its batch are dropped uncommitted: the next
+        // owner of their partitions re-reads them.
+        drop(feeds);
+        if crashed {
+            // One lane died at an injected fault: the member dies with it, mid-batch anywhere.
+            lanes.abort_all();
+        }
+        while lanes.join_next().await.is_some() {}
         publisher.abort();
         lag.abort();
         Ok(())
+    }
+
+    /// One lane of [`Ingest::run`]: batches of its messages, applied and committed in order.
+    async fn lane(
+        self: Arc<Self>,
+        mut messages: tokio::sync::mpsc::Receiver<OwnedMessage>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Flow {
+        let mut batch: Vec<OwnedMessage> = Vec::with_capacity(INGEST_BATCH_MAX);
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = stop.changed() => None,
+                m = messages.recv() => m,
+            };
+            let Some(first) = first else {
+                return Flow::Stopped;
+            };
+            batch.push(first);
+            let deadline = tokio::time::Instant::now() + INGEST_BATCH_WAIT;
+            while batch.len() < INGEST_BATCH_MAX {
+                match tokio::time::timeout_at(deadline, messages.recv()).await {
+                    Ok(Some(m)) => batch.push(m),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            match self.process(&batch, &mut stop).await {
+                Flow::Done => batch.clear(),
+                ended => return ended,
+            }
+        }
     }
 
     /// Applies one batch and commits its offsets. Retries (the database, the dead-letter

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use sqlx::{Postgres, Transaction};
-use tally_ledger::{AccountState, Applied, Event, EventBody, Money, PriceBasis};
+use tally_ledger::{AccountState, Applied, Event, EventBody, PriceBasis};
 use uuid::Uuid;
 
 use crate::error::StoreError;
@@ -130,23 +130,10 @@ pub(crate) async fn write_projections(
     states: &[&AccountState],
 ) -> Result<(), StoreError> {
     // Accounts first: lots reference them, and one batch may open an account and fund it.
-    let t = std::time::Instant::now();
     write_accounts(tx, items, states).await?;
-    let a = t.elapsed();
     write_lots(tx, items, states).await?;
-    let b = t.elapsed();
     write_entries(tx, items).await?;
-    let c = t.elapsed();
     write_usage(tx, items).await?;
-    let d = t.elapsed();
-    if std::env::var_os("TALLY_PROF").is_some() {
-        eprintln!(
-            "PROJ accounts={a:?} lots={:?} entries={:?} usage={:?}",
-            b - a,
-            c - b,
-            d - c
-        );
-    }
     Ok(())
 }
 

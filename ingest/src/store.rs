@@ -272,8 +272,6 @@ impl Store {
             )
             .into());
         }
-        let mut __prof: Vec<(&str, std::time::Duration)> = Vec::new();
-        let mut __t = std::time::Instant::now();
         let mut report = BatchReport::default();
         let mut candidates: Vec<(usize, &Event, [u8; 32])> = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
@@ -284,11 +282,7 @@ impl Store {
             }
         }
 
-        __prof.push(("validate_hash", __t.elapsed()));
-        __t = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
-        __prof.push(("begin", __t.elapsed()));
-        __t = std::time::Instant::now();
         if let Some(idem) = idempotency {
             sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 1))")
                 .bind(format!("{}\n{}", idem.scope, idem.key))
@@ -333,8 +327,6 @@ impl Store {
         .execute(&mut *tx)
         .await?;
 
-        __prof.push(("locks", __t.elapsed()));
-        __t = std::time::Instant::now();
         let ids: Vec<Uuid> = candidates.iter().map(|(_, e, _)| e.event_id).collect();
         let existing: HashMap<Uuid, Vec<u8>> = sqlx::query_as::<_, (Uuid, Vec<u8>)>(
             "select event_id, payload_hash from event where event_id = any($1)",
@@ -345,8 +337,6 @@ impl Store {
         .into_iter()
         .collect();
 
-        __prof.push(("existing", __t.elapsed()));
-        __t = std::time::Instant::now();
         let referenced_lots: Vec<Uuid> = candidates
             .iter()
             .filter_map(|(_, e, _)| match &e.body {
@@ -357,8 +347,6 @@ impl Store {
             .collect();
         let mut states: HashMap<String, Option<AccountState>> =
             state::load_states(&mut tx, &accounts, &referenced_lots).await?;
-        __prof.push(("load_states", __t.elapsed()));
-        __t = std::time::Instant::now();
         // Lot ids are unique across accounts and for ever: a new lot may not reuse the id of
         // any lot, open or closed, of any account.
         let new_lots: Vec<Uuid> = candidates
@@ -373,8 +361,6 @@ impl Store {
                 .into_iter()
                 .collect();
         let prices = self.current_prices(&mut tx).await?;
-        __prof.push(("lots_prices", __t.elapsed()));
-        __t = std::time::Instant::now();
 
         let mut accepted_in_batch: HashMap<Uuid, [u8; 32]> = HashMap::new();
         let mut accepted: Vec<(usize, &Event, [u8; 32], Applied)> = Vec::new();
@@ -418,8 +404,6 @@ impl Store {
         }
 
         project::record_conflicts(&mut tx, &conflicts, now).await?;
-        __prof.push(("apply_loop", __t.elapsed()));
-        __t = std::time::Instant::now();
 
         let seqs: Vec<i64> =
             sqlx::query_scalar("select nextval('event_seq') from generate_series(1, $1)")
@@ -428,8 +412,6 @@ impl Store {
                 .await?;
         let mut seqs = seqs;
         seqs.sort_unstable();
-        __prof.push(("seqs", __t.elapsed()));
-        __t = std::time::Instant::now();
         let items: Vec<AppliedEvent<'_>> = accepted
             .into_iter()
             .zip(seqs)
@@ -441,16 +423,12 @@ impl Store {
             })
             .collect();
         project::insert_events(&mut tx, &items, now).await?;
-        __prof.push(("insert_events", __t.elapsed()));
-        __t = std::time::Instant::now();
         let changed: BTreeSet<&str> = items.iter().map(|i| i.event.account_id.as_str()).collect();
         let changed_states: Vec<&AccountState> = changed
             .iter()
             .filter_map(|a| states.get(*a).and_then(Option::as_ref))
             .collect();
         project::write_projections(&mut tx, &items, &changed_states).await?;
-        __prof.push(("projections", __t.elapsed()));
-        __t = std::time::Instant::now();
 
         report.applied = items.iter().map(|i| i.event.event_id).collect();
         report.states = changed_states
@@ -475,21 +453,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        __prof.push(("commit", __t.elapsed()));
-        __t = std::time::Instant::now();
         crate::telemetry::observe_batch(events, &report, &items, &prices, now);
-        __prof.push(("observe", __t.elapsed()));
-        if std::env::var_os("TALLY_PROF").is_some() {
-            eprintln!(
-                "PROF n={} {:?}",
-                events.len(),
-                __prof
-                    .iter()
-                    .map(|(n, d)| format!("{n}={:.1}", d.as_secs_f64() * 1000.0))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
-        }
         self.notify(&report.states, now);
         Ok((
             report,
