@@ -17,6 +17,9 @@ use crate::config::{GatewaySettings, KafkaSettings};
 use crate::gateway::{self, GatewayRuntime};
 use crate::{pipeline, server};
 
+/// How long a stopping process lets its servers finish open requests.
+pub const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 pub struct Stack {
     pub ledger_addr: Option<SocketAddr>,
@@ -163,8 +166,20 @@ impl Stack {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         let mut outcome = Ok(());
-        for t in self.tasks {
-            let ended = t.await.map_err(anyhow::Error::from).and_then(|r| r);
+        // Graceful shutdown waits for every open connection; a stalled client or upstream must
+        // not hold the process (and the sink's drain behind it) for ever.
+        let deadline = tokio::time::Instant::now() + SERVER_DRAIN_TIMEOUT;
+        for mut t in self.tasks {
+            let ended = match tokio::time::timeout_at(deadline, &mut t).await {
+                Ok(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
+                Err(_) => {
+                    t.abort();
+                    tracing::warn!(
+                        "connections still open after {SERVER_DRAIN_TIMEOUT:?}; closing them"
+                    );
+                    Ok(())
+                }
+            };
             if outcome.is_ok() {
                 outcome = ended;
             }

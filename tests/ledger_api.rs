@@ -752,3 +752,19 @@ async fn unknown_routes_and_accounts_use_the_error_shape(pool: PgPool) {
         "served as written"
     );
 }
+
+/// The event log refuses every change: the ledger lines' reference to their event rests on it.
+#[sqlx::test(migrator = "tally_ingest::db::MIGRATOR")]
+async fn the_event_log_is_append_only(pool: PgPool) {
+    let h = common::Harness::new(pool.clone()).await;
+    h.open_account("acme").await;
+    for sql in [
+        "update event set kind = kind",
+        "delete from event",
+        "truncate event cascade",
+    ] {
+        let err = sqlx::query(sql).execute(&pool).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    assert_eq!(h.event_count().await, 1);
+}

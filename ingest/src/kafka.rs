@@ -68,6 +68,8 @@ pub enum PipelineError {
     Topic { topic: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Lane(String),
 }
 
 /// Topic names. Every event topic is keyed by account id, so one account's events stay in
@@ -268,6 +270,8 @@ pub struct Ingest {
     instance: String,
     fleet: std::sync::Mutex<FleetAggregator>,
     fault: std::sync::atomic::AtomicU8,
+    /// The highest offset this member committed, per (topic, partition).
+    committed: std::sync::Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -356,6 +360,7 @@ impl Ingest {
             instance: instance.into(),
             fleet: std::sync::Mutex::new(FleetAggregator::new()),
             fault: std::sync::atomic::AtomicU8::new(Fault::None as u8),
+            committed: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -380,13 +385,13 @@ impl Ingest {
             feeds.push(feed);
             lanes.spawn(Arc::clone(&self).lane(messages, stop.clone()));
         }
-        let mut crashed = false;
+        let mut ended_early: Option<Option<Result<Flow, tokio::task::JoinError>>> = None;
         loop {
             let next = tokio::select! {
                 biased;
                 _ = stop.changed() => break,
                 ended = lanes.join_next() => {
-                    crashed = !matches!(ended, Some(Ok(Flow::Done | Flow::Stopped)));
+                    ended_early = Some(ended);
                     break;
                 }
                 m = self.consumer.recv() => m,
@@ -407,7 +412,7 @@ impl Ingest {
                 biased;
                 _ = stop.changed() => break,
                 ended = lanes.join_next() => {
-                    crashed = !matches!(ended, Some(Ok(Flow::Done | Flow::Stopped)));
+                    ended_early = Some(ended);
                     break;
                 }
                 sent = feed.send(m) => if sent.is_err() {
@@ -418,14 +423,28 @@ impl Ingest {
         // Messages fed to a lane but not yet in its batch are dropped uncommitted: the next
         // owner of their partitions re-reads them.
         drop(feeds);
-        if crashed {
+        let failure = match ended_early {
+            // Stopping: the lane saw the signal first.
+            None | Some(None) | Some(Some(Ok(Flow::Stopped))) => None,
             // One lane died at an injected fault: the member dies with it, mid-batch anywhere.
+            Some(Some(Ok(Flow::Crashed))) => {
+                lanes.abort_all();
+                None
+            }
+            Some(Some(Ok(Flow::Done))) => Some("an ingest lane ended on its own".to_string()),
+            Some(Some(Err(e))) => Some(format!("an ingest lane failed: {e}")),
+        };
+        if failure.is_some() {
             lanes.abort_all();
         }
         while lanes.join_next().await.is_some() {}
         publisher.abort();
         lag.abort();
-        Ok(())
+        match failure {
+            // The process must not look healthy while nothing is ingested.
+            Some(reason) => Err(PipelineError::Lane(reason)),
+            None => Ok(()),
+        }
     }
 
     /// One lane of [`Ingest::run`]: batches of its messages, applied and committed in order.
@@ -563,17 +582,45 @@ impl Ingest {
             return Flow::Crashed;
         }
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in &offsets {
-            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
-            {
-                tracing::warn!(error = %e, "offset list");
+        {
+            // A partition taken away and handed back can be re-fetched from an older offset
+            // while a lane still holds the newer copies: never move this member's commit back.
+            let mut high = match self.committed.lock() {
+                Ok(h) => h,
+                Err(p) => p.into_inner(),
+            };
+            for ((topic, partition), offset) in &offsets {
+                let next = offset + 1;
+                let mark = high.entry((topic.clone(), *partition)).or_insert(0);
+                if next <= *mark {
+                    continue;
+                }
+                *mark = next;
+                if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(next)) {
+                    tracing::warn!(error = %e, "offset list");
+                }
             }
         }
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
+        if tpl.count() == 0 {
+            return Flow::Done;
+        }
+        // A synchronous commit can wait for a coordinator for many seconds: not on a runtime
+        // worker, which the gateway's requests share in `--role all`.
+        let consumer = Arc::clone(&self.consumer);
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await;
+        match committed {
+            Ok(Ok(())) => {}
             // Typically a rebalance took a partition mid-batch. Its next owner re-reads from the
             // last committed offset and the store absorbs what this batch already applied.
-            telemetry::OFFSET_COMMIT_FAILURES.inc();
-            tracing::warn!(error = %e, "offset commit failed; the batch will be re-read and deduplicated");
+            Ok(Err(e)) => {
+                telemetry::OFFSET_COMMIT_FAILURES.inc();
+                tracing::warn!(error = %e, "offset commit failed; the batch will be re-read and deduplicated");
+            }
+            Err(e) => {
+                telemetry::OFFSET_COMMIT_FAILURES.inc();
+                tracing::warn!(error = %e, "offset commit task failed");
+            }
         }
         Flow::Done
     }

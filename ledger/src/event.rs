@@ -12,6 +12,9 @@ use crate::money::Money;
 /// Identifiers chosen by callers (accounts, keys, endpoints, credentials) share one shape, so
 /// they are safe in URLs, CSV and log fields.
 pub const MAX_ID_LEN: usize = 128;
+/// No attempt lasts a day; a larger latency is a bug upstream, and bounding it keeps the hourly
+/// latency sums far from overflow.
+pub const MAX_LATENCY_MS: u64 = 86_400_000;
 
 pub fn validate_id(field: &'static str, id: &str) -> Result<(), DomainError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
@@ -258,6 +261,12 @@ impl Usage {
                 "must be an HTTP status (100-599)",
             ));
         }
+        if self.total_latency_ms > MAX_LATENCY_MS {
+            return Err(DomainError::invalid(
+                "total_latency_ms",
+                format!("must not exceed {MAX_LATENCY_MS} (one day)"),
+            ));
+        }
         if self.upstream_latency_ms > self.total_latency_ms {
             return Err(DomainError::invalid(
                 "upstream_latency_ms",
@@ -344,6 +353,17 @@ mod tests {
             e.validate(),
             Err(DomainError::invalid("tokens.input", "must not be negative"))
         );
+    }
+
+    #[test]
+    fn latencies_beyond_a_day_are_invalid() {
+        let json = usage_json("").replace(
+            r#""total_latency_ms":110"#,
+            r#""total_latency_ms":9223372036854775807"#,
+        );
+        let e: Event = serde_json::from_str(&json).unwrap();
+        let err = e.validate().unwrap_err().to_string();
+        assert!(err.contains("total_latency_ms"), "{err}");
     }
 
     #[test]
