@@ -77,8 +77,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 stack.start_alerts(alert_deps.0, alert_deps.1, alerts)?;
             }
             tracing::info!(ledger = ?stack.ledger_addr, gateway = ?stack.gateway_addr, role = ?args.role, "tally serving");
-            server::shutdown_signal().await;
-            stack.stop().await
+            tokio::select! {
+                () = server::shutdown_signal() => stack.stop().await,
+                failure = stack.ended_early() => {
+                    tracing::error!(error = %failure, "a role failed; stopping");
+                    stack.stop().await?;
+                    Err(failure)
+                }
+            }
         }
         Command::Demo(args) => {
             let config = args.server.validate()?;

@@ -160,6 +160,21 @@ impl Stack {
         Ok(())
     }
 
+    /// Resolves when a role's task ends before `stop` was asked for: a failure (the ingest
+    /// consumer gave up, a listener died) that the process must not outlive looking healthy.
+    pub async fn ended_early(&mut self) -> anyhow::Error {
+        if self.tasks.is_empty() {
+            return std::future::pending().await;
+        }
+        let (ended, index, _) = futures_util::future::select_all(self.tasks.iter_mut()).await;
+        drop(self.tasks.remove(index));
+        match ended {
+            Ok(Ok(())) => anyhow::anyhow!("a role stopped on its own"),
+            Ok(Err(e)) => e,
+            Err(e) => anyhow::Error::from(e),
+        }
+    }
+
     /// Stops every server and loop and waits for the servers to finish their requests; then
     /// the gateway's usage pipeline stores (and ships) what those requests produced, so none
     /// of it is lost to the restart.
