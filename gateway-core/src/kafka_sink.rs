@@ -895,7 +895,9 @@ impl Shipper {
             }
             // Left in the spool: shipped again later, deduplicated downstream.
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "acknowledging shipped events in the spool failed")
+                tracing::error!(error = %e, "acknowledging shipped events in the spool failed");
+                // A storage failure reopens the spool, which rereads its depth from disk.
+                self.shared.set_depth(self.spool.depth());
             }
             Err(e) => {
                 tracing::error!(error = %e, "acknowledging shipped events in the spool failed")
@@ -1111,6 +1113,45 @@ mod tests {
         );
         assert_eq!(spool.depth().0, 5);
         assert!(s.admits_managed(CHANNEL_CAPACITY), "served again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_recovers_from_a_failing_disk_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(crate::spool::faulty::Faults::default());
+        let spool = Arc::new(Spool::open_faulty(dir.path(), 1 << 20, Arc::clone(&faults)).unwrap());
+        let s = shared(SpoolFullPolicy::DenyManaged, 1 << 20);
+        // A real redb IO failure, which poisons the database until it is reopened.
+        faults.fail_writes(u32::MAX);
+        faults.fail_syncs(u32::MAX);
+        let task = tokio::spawn({
+            let (spool, s) = (Arc::clone(&spool), Arc::clone(&s));
+            async move {
+                let stop = s.stop_writer.subscribe();
+                store((0..5).map(pending).collect(), &spool, &s, &stop).await
+            }
+        });
+        let until = Instant::now() + Duration::from_secs(5);
+        while !s.write_failing.load(Ordering::Relaxed) {
+            assert!(Instant::now() < until, "the write never failed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(!s.admits_managed(CHANNEL_CAPACITY));
+        faults.fail_writes(0);
+        faults.fail_syncs(0);
+        task.await.unwrap();
+        let st = stats_of(&s);
+        assert_eq!(
+            (st.spooled, st.dropped, st.depth_events),
+            (5, 0, 5),
+            "{st:?}"
+        );
+        assert!(s.admits_managed(CHANNEL_CAPACITY), "served again");
+        // The shipper's reads and acknowledgements work on the same spool, each event once.
+        let all = spool.peek(100).unwrap();
+        assert_eq!(all.len(), 5);
+        spool.ack(all[4].0).unwrap();
+        assert_eq!(spool.depth(), (0, 0));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
