@@ -64,12 +64,13 @@ pub async fn run(
         match decode_feedback(&cfg, &m) {
             Ok(Feedback::Decision(d)) => {
                 let now = clock();
-                if decisions.apply(d.decision)
-                    && let Some(at) = d.source_event_at
-                {
+                // Timed whether or not the cache already had news as fresh (from this process's
+                // own commit or the refresher): it measures the pipeline's way back.
+                if let Some(at) = d.source_event_at {
                     let secs = (now - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
                     telemetry::DECISION_PROPAGATION.observe(secs.max(0.0));
                 }
+                decisions.apply(d.decision);
             }
             Ok(Feedback::Metrics(report)) => {
                 fleet.absorb(report);
