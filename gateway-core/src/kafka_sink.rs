@@ -22,7 +22,6 @@
 //! The sink is stopped last, by [`KafkaSinkRunner::shutdown`], once the requests that produce
 //! events have ended: it moves what is buffered into the spool and ships for a while.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,8 +30,6 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -42,7 +39,6 @@ use tally_ledger::Event;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::sink::EventSink;
@@ -52,9 +48,6 @@ use crate::telemetry::{SPOOL_DEPTH_BYTES, SPOOL_DEPTH_EVENTS, SPOOL_FULL};
 /// Message headers set on every event.
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
 pub const HEADER_EVENT_KIND: &str = "tally-event-kind";
-/// W3C trace context, when the request that produced the event was traced.
-pub const HEADER_TRACEPARENT: &str = "traceparent";
-pub const HEADER_TRACESTATE: &str = "tracestate";
 const CONTENT_TYPE_JSON: &str = "application/json";
 
 /// Events buffered in memory between `send` and the spool writer.
@@ -124,11 +117,7 @@ pub struct KafkaSinkConfig {
 /// Property values may be credentials (SASL passwords): only their keys are shown.
 impl std::fmt::Debug for KafkaSinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keys: Vec<&str> = self
-            .client_properties
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect();
+        let keys = tally_ingest::kafka::property_keys(&self.client_properties);
         f.debug_struct("KafkaSinkConfig")
             .field("brokers", &self.brokers)
             .field("topic", &self.topic)
@@ -184,17 +173,8 @@ impl KafkaSinkConfig {
     }
 }
 
-/// Kafka's rule for topic names.
 fn validate_topic(topic: &str) -> Result<(), KafkaSinkError> {
-    let legal = topic
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if topic.is_empty() || topic.len() > 249 || topic == "." || topic == ".." || !legal {
-        return Err(KafkaSinkError::Config(format!(
-            "invalid topic name {topic:?}: 1 to 249 characters of [a-zA-Z0-9._-]"
-        )));
-    }
-    Ok(())
+    tally_ingest::kafka::check_topic_name(topic).map_err(KafkaSinkError::Config)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -472,12 +452,11 @@ fn stats_of(s: &Shared) -> KafkaSinkStats {
 impl EventSink for KafkaSink {
     fn send(&self, event: Event) {
         self.shared.accepted.fetch_add(1, Ordering::Relaxed);
-        let mut trace = HashMap::new();
-        TraceContextPropagator::new()
-            .inject_context(&tracing::Span::current().context(), &mut trace);
         let pending = Pending {
             event,
-            trace: trace.into_iter().collect(),
+            trace: crate::trace::current_context_headers()
+                .into_iter()
+                .collect(),
         };
         match self.tx.try_send(pending) {
             Ok(()) => {}

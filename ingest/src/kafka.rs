@@ -114,14 +114,29 @@ pub struct KafkaConfig {
     pub client_properties: Vec<(String, String)>,
 }
 
+/// Kafka's rule for topic names (the broker refuses anything else).
+pub fn check_topic_name(name: &str) -> Result<(), String> {
+    let legal = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty() || name.len() > 249 || name == "." || name == ".." || !legal {
+        return Err(format!(
+            "invalid topic name {name:?}: 1 to 249 characters of [a-zA-Z0-9._-]"
+        ));
+    }
+    Ok(())
+}
+
+/// The keys of librdkafka properties, for `Debug`: values may be credentials (SASL passwords)
+/// and are never shown.
+pub fn property_keys(properties: &[(String, String)]) -> Vec<&str> {
+    properties.iter().map(|(k, _)| k.as_str()).collect()
+}
+
 /// Property values may be credentials (SASL passwords): only their keys are shown.
 impl std::fmt::Debug for KafkaConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keys: Vec<&str> = self
-            .client_properties
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect();
+        let keys = property_keys(&self.client_properties);
         f.debug_struct("KafkaConfig")
             .field("brokers", &self.brokers)
             .field("topics", &self.topics)
@@ -168,16 +183,7 @@ impl KafkaConfig {
             &t.dead_letter,
         ];
         for name in names {
-            let ok = !name.is_empty()
-                && name.len() <= 249
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-            if !ok {
-                return Err(PipelineError::Config(format!(
-                    "topic name {name:?} must be 1 to 249 of [a-zA-Z0-9._-]"
-                )));
-            }
+            check_topic_name(name).map_err(PipelineError::Config)?;
         }
         if names.iter().collect::<HashSet<_>>().len() != names.len() {
             return Err(PipelineError::Config("topic names must differ".into()));
